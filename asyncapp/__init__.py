@@ -1,0 +1,47 @@
+"""asyncapp: asynchronous WSGI applications that run on any WSGI server.
+
+Write straight-line code that waits; where the server speaks
+``x-wsgiorg.async`` (asyncapp's own) or ``x-wsgiorg.fdevent`` (uWSGI's async
+mode) the app suspends without blocking anyone, elsewhere it blocks and stays
+correct.
+
+.. code-block:: python
+
+    import asyncapp
+
+    @asyncapp.coroutine
+    def app(environ, start_response):
+        body = yield from asyncapp.read(environ, 65536, timeout=10)
+        yield from asyncapp.sleep(environ, 0.5)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        yield b"got %d bytes" % len(body)
+
+The same in ``async def`` form uses ``await`` instead of ``yield from``; in
+greenlet form, :mod:`asyncapp.green` gives plain calls that suspend.
+"""
+
+from __future__ import annotations
+
+from . import green, protocol
+from .coroutine import coroutine
+from .errors import AsyncappError, Timeout, UsageError
+from .hosts import host_kind
+from .ops import Op, read, readable, sleep, writable
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncappError",
+    "Op",
+    "Timeout",
+    "UsageError",
+    "__version__",
+    "coroutine",
+    "green",
+    "host_kind",
+    "protocol",
+    "read",
+    "readable",
+    "sleep",
+    "writable",
+]

@@ -1,0 +1,214 @@
+"""``@asyncapp.coroutine``: generator and ``async def`` apps as WSGI apps.
+
+Theory of operation: the decorated function becomes an ordinary WSGI app
+whose iterable is a :class:`Driver`. Each ``next()`` from the server advances
+the app until it yields a body chunk (passed on) or an operation from
+:mod:`asyncapp.ops`. An operation is carried out by its ``perform()``
+generator; every ``b""`` that generator yields goes to the server as an empty
+body string, which is how an app suspends under PEP 3333. When ``perform()``
+returns, its value is sent into the app (or its exception thrown in).
+
+On a blocking host ``perform()`` returns without yielding, so the app runs
+straight through and the server only ever sees body chunks.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import AsyncGenerator, Callable, Generator, Iterator
+from typing import Any, TypeAlias
+
+from .errors import UsageError
+from .ops import Op
+
+__all__ = ["Driver", "StepDriver", "coroutine"]
+
+Environ = dict[str, Any]
+StartResponse = Callable[..., Any]
+AppGenerator: TypeAlias = Generator[Any, Any, None]
+AppAsyncGenerator: TypeAlias = AsyncGenerator[Any, Any]
+WSGIApp = Callable[[Environ, StartResponse], Iterator[bytes]]
+
+
+def _bad_yield(name: str, value: object) -> UsageError:
+    return UsageError(
+        f"{name} yielded {type(value).__name__} {value!r:.60}; an asyncapp app "
+        "yields bytes for the body, and waits with 'yield from asyncapp.read(...)' "
+        "(generator) or 'await asyncapp.read(...)' (async def); other event "
+        "loops' awaitables (asyncio, trio) cannot run on a WSGI host"
+    )
+
+
+class StepDriver:
+    """What both drivers share: carrying out operations between app steps.
+
+    Subclasses define ``_advance(send, exc)``, which resumes the app with a
+    value (or an exception) and returns what it produced next: ``bytes`` or
+    an :class:`~asyncapp.ops.Op`; ``StopIteration`` ends the body.
+    """
+
+    __slots__ = ("_name", "_step")
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._step: Generator[bytes, None, Any] | None = None
+
+    def __iter__(self) -> StepDriver:
+        return self
+
+    def __next__(self) -> bytes:
+        send: Any = None
+        exc: BaseException | None = None
+        step = self._step
+        if step is not None:
+            try:
+                return step.send(None)
+            except StopIteration as stop:
+                send = stop.value
+            except Exception as error:
+                exc = error
+            self._step = None
+        while True:
+            out: Any = self._advance(send, exc)
+            if out.__class__ is bytes:
+                return out  # type: ignore[no-any-return,unused-ignore]
+            if not isinstance(out, Op):
+                if isinstance(out, bytes):  # a bytes subclass is still body
+                    return bytes(out)
+                self.close()
+                raise _bad_yield(self._name, out)
+            step = out.perform()
+            try:
+                token = step.send(None)
+            except StopIteration as stop:
+                send, exc = stop.value, None
+                continue
+            except Exception as error:
+                send, exc = None, error
+                continue
+            self._step = step
+            return token
+
+    def _advance(self, send: Any, exc: BaseException | None) -> Any:
+        raise NotImplementedError
+
+    def _cancel_step(self) -> None:
+        step, self._step = self._step, None
+        if step is not None:
+            step.close()
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class Driver(StepDriver):
+    """The WSGI iterable that runs one call of a ``@coroutine`` app."""
+
+    __slots__ = ("_agen", "_aw", "_gen")
+
+    def __init__(self, app: AppGenerator | AppAsyncGenerator) -> None:
+        self._gen: AppGenerator | None = None
+        self._agen: AppAsyncGenerator | None = None
+        self._aw: Any = None  # the in-flight asend() of an async generator
+        if inspect.isasyncgen(app):
+            self._agen = app
+            super().__init__(app.__qualname__)
+        else:
+            self._gen = app  # type: ignore[assignment]
+            super().__init__(getattr(app, "__qualname__", "app"))
+
+    def _advance(self, send: Any, exc: BaseException | None) -> Any:
+        gen = self._gen
+        if gen is not None:
+            return gen.send(send) if exc is None else gen.throw(exc)
+        assert self._agen is not None
+        aw = self._aw
+        if aw is None:
+            aw = self._aw = self._agen.asend(None)
+        try:
+            out = aw.send(send) if exc is None else aw.throw(exc)
+        except StopIteration as stop:
+            self._aw = None
+            if not isinstance(stop.value, bytes):
+                self.close()
+                raise _bad_yield(self._name, stop.value) from None
+            return stop.value
+        except StopAsyncIteration:
+            self._aw = None
+            raise StopIteration from None
+        if not isinstance(out, Op):
+            self.close()
+            raise _bad_yield(self._name, out)
+        return out
+
+    def close(self) -> None:
+        """Cancel the wait in progress, then close the app (PEP 3333 ``close``)."""
+        try:
+            self._cancel_step()
+        finally:
+            if self._gen is not None:
+                self._gen.close()
+            elif self._agen is not None:
+                self._close_async()
+
+    def _close_async(self) -> None:
+        assert self._agen is not None
+        aw, self._aw = self._aw, None
+        if aw is not None:
+            try:
+                aw.throw(GeneratorExit)
+            except (GeneratorExit, StopIteration, StopAsyncIteration):
+                pass
+            else:
+                aw.close()
+                raise RuntimeError(f"{self._name} awaited while being closed")
+        closer = self._agen.aclose()
+        try:
+            closer.send(None)
+        except StopIteration:
+            return
+        closer.close()
+        raise RuntimeError(f"{self._name} awaited while being closed")
+
+
+def coroutine(func: Callable[..., Any]) -> WSGIApp:
+    """Turn a generator or async generator function into a WSGI app.
+
+    The function has the WSGI signature. ``bytes`` it yields are body chunks;
+    waits are ``yield from asyncapp.op(...)`` in a generator and
+    ``await asyncapp.op(...)`` in an ``async def``. On a host with
+    ``x-wsgiorg.async`` or ``x-wsgiorg.fdevent`` the app suspends without
+    blocking the server; on any other WSGI server the same code blocks and
+    stays correct.
+
+    .. code-block:: python
+
+        @asyncapp.coroutine
+        def app(environ, start_response):
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            for n in range(3):
+                yield b"tick\\n"
+                yield from asyncapp.sleep(environ, 1)
+
+        @asyncapp.coroutine
+        async def echo(environ, start_response):
+            start_response("200 OK", [("Content-Type", "application/octet-stream")])
+            while chunk := await asyncapp.read(environ, 65536):
+                yield chunk
+
+    Works on methods too: the first arguments are passed through.
+    """
+    if not (inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func)):
+        raise UsageError(
+            f"@asyncapp.coroutine needs a generator function (a def that yields) "
+            f"or an async generator function (an async def that yields); "
+            f"{getattr(func, '__qualname__', func)!r} is neither. Yield the body "
+            "chunks, e.g. 'yield b\"hello\"'"
+        )
+
+    @functools.wraps(func)
+    def wsgi_app(*args: Any) -> Driver:
+        return Driver(func(*args))
+
+    return wsgi_app

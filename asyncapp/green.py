@@ -1,0 +1,233 @@
+"""Greenlet style: plain calls that suspend, at any call depth.
+
+.. code-block:: python
+
+    from asyncapp import green
+
+    @green.app
+    def app(environ, start_response):
+        green.sleep(environ, 1)               # suspends, does not block
+        body = flask_or_werkzeug_code_reading(environ["wsgi.input"])
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [body]
+
+Shape (after SQLAlchemy's greenlet bridge): ``@green.app`` runs the app, and
+the iteration of what it returns, in a child greenlet. ``green.read`` and
+friends switch to the parent (the WSGI iterable, driven by the server) with
+an operation from :mod:`asyncapp.ops`; the parent carries it out exactly as
+``@coroutine`` does and switches back with the result. So unmodified code far
+down the stack (werkzeug, Flask, a client library) can wait without knowing.
+
+On an ``x-wsgiorg.async`` host the app's ``wsgi.input`` becomes a buffered
+file object whose reads suspend the greenlet, so ``request.get_data()`` in
+werkzeug or Flask waits for the body instead of blocking the server.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import io
+from collections.abc import Callable, Iterable
+from typing import Any, Final
+
+import greenlet
+
+from .coroutine import StepDriver
+from .errors import UsageError
+from .hosts import host_kind
+from .ops import Op, Read, Readable, Sleep, Writable
+from .protocol import FdLike
+
+__all__ = ["GreenInput", "app", "read", "readable", "sleep", "writable"]
+
+Environ = dict[str, Any]
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
+
+#: Handed up by a child greenlet that finished the body.
+_DONE: Final = object()
+
+#: Tries at making a closing app give up before it is reported as a bug.
+_CLOSE_ATTEMPTS: Final = 3
+
+
+class _AppGreenlet(greenlet.greenlet):  # type: ignore[misc]
+    """The greenlet that runs one call of a ``@green.app`` app."""
+
+
+def _suspend(op: Op[Any], caller: str) -> Any:
+    current = greenlet.getcurrent()
+    if not isinstance(current, _AppGreenlet):
+        raise UsageError(
+            f"asyncapp.green.{caller}() was called outside an app decorated with "
+            "@asyncapp.green.app (or in a greenlet that app started itself); "
+            "decorate the WSGI app, or use 'yield from asyncapp."
+            f"{caller}(...)' in a @asyncapp.coroutine app"
+        )
+    return current.parent.switch(op)
+
+
+class _GreenRawInput(io.RawIOBase):
+    """The server's ``wsgi.input`` read through suspending ``recv``-like reads."""
+
+    def __init__(self, environ: Environ, raw_input: Any) -> None:
+        super().__init__()
+        self._environ = environ
+        self._input = raw_input
+        self._total = 0
+        self.timeout: float | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        size = len(buffer)
+        if size == 0:
+            return 0
+        data: bytes = _suspend(Read(self._environ, size, self.timeout, self._input), "read")
+        count = len(data)
+        buffer[:count] = data
+        self._total += count
+        return count
+
+    def tell(self) -> int:
+        # Lets BufferedReader.tell() report how much it holds unread.
+        return self._total
+
+
+class GreenInput(io.BufferedReader):
+    """The ``wsgi.input`` that ``@green.app`` installs on an async host.
+
+    A standard :class:`io.BufferedReader` (``read``, ``readline``,
+    iteration) whose underlying reads suspend the app's greenlet.
+    """
+
+    def __init__(self, environ: Environ, raw_input: Any) -> None:
+        self._raw_reader = _GreenRawInput(environ, raw_input)
+        super().__init__(self._raw_reader, buffer_size=65536)
+        self._asyncapp_raw_input = raw_input
+
+    def has_buffered(self) -> bool:
+        """Whether bytes were read from the server but not yet consumed."""
+        return self._raw_reader.tell() > self.tell()
+
+    def read1_with_timeout(self, size: int, timeout: float | None) -> bytes:
+        """``read1(size)`` with a timeout on the one underlying read."""
+        self._raw_reader.timeout = timeout
+        try:
+            return self.read1(size)
+        finally:
+            self._raw_reader.timeout = None
+
+
+def _run(
+    app: WSGIApp, environ: Environ, start_response: StartResponse, _first: object = None
+) -> object:
+    if host_kind(environ) == "async":
+        environ["wsgi.input"] = GreenInput(environ, environ["wsgi.input"])
+    result = app(environ, start_response)
+    try:
+        for chunk in result:
+            # The parent is re-read each time: the server may drive the
+            # iterable from a different greenlet on each next().
+            greenlet.getcurrent().parent.switch(chunk)
+    finally:
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
+    return _DONE
+
+
+class GreenDriver(StepDriver):
+    """The WSGI iterable that runs one call of a ``@green.app`` app."""
+
+    __slots__ = ("_child",)
+
+    def __init__(self, app: WSGIApp, environ: Environ, start_response: StartResponse) -> None:
+        super().__init__(getattr(app, "__qualname__", "app"))
+        child = _AppGreenlet(functools.partial(_run, app, environ, start_response))
+        # Like SQLAlchemy's bridge: the app sees the server's context vars.
+        child.gr_context = contextvars.copy_context()
+        self._child: _AppGreenlet | None = child
+
+    def _advance(self, send: Any, exc: BaseException | None) -> Any:
+        child = self._child
+        if child is None:
+            raise StopIteration
+        child.parent = greenlet.getcurrent()
+        try:
+            out = child.switch(send) if exc is None else child.throw(exc)
+        except BaseException:
+            self._child = None
+            raise
+        if out is _DONE:
+            self._child = None
+            raise StopIteration
+        return out
+
+    def close(self) -> None:
+        """Cancel the wait in progress and kill the app's greenlet."""
+        try:
+            self._cancel_step()
+        finally:
+            child, self._child = self._child, None
+            if child is not None and child:
+                for _ in range(_CLOSE_ATTEMPTS):
+                    child.parent = greenlet.getcurrent()
+                    child.throw(greenlet.GreenletExit)
+                    if child.dead:
+                        break
+                else:
+                    raise RuntimeError(f"{self._name} kept waiting while being closed")
+
+
+def app(func: WSGIApp) -> Callable[[Environ, StartResponse], GreenDriver]:
+    """Run a plain WSGI app so that ``green.*`` calls inside it suspend.
+
+    Any WSGI app works, including a whole Flask or werkzeug app; only code
+    that calls :func:`read`, :func:`readable`, :func:`writable`,
+    :func:`sleep` (or reads ``wsgi.input`` on an asyncapp host) suspends.
+
+    .. code-block:: python
+
+        @green.app
+        def app(environ, start_response):
+            green.sleep(environ, 0.5)
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"done"]
+    """
+
+    @functools.wraps(func)
+    def wsgi_app(environ: Environ, start_response: StartResponse) -> GreenDriver:
+        return GreenDriver(func, environ, start_response)
+
+    return wsgi_app
+
+
+def read(environ: Environ, size: int, timeout: float | None = None) -> bytes:
+    """Like :func:`asyncapp.read`, as a plain call that suspends the greenlet."""
+    inp = environ.get("wsgi.input")
+    if isinstance(inp, GreenInput):
+        if not isinstance(size, int) or size <= 0:
+            raise UsageError(f"read size must be a positive int, not {size!r}")
+        return inp.read1_with_timeout(size, timeout)
+    data: bytes = _suspend(Read(environ, size, timeout), "read")
+    return data
+
+
+def readable(environ: Environ, fd: FdLike, timeout: float | None = None) -> bool:
+    """Like :func:`asyncapp.readable`, as a plain call that suspends."""
+    ready: bool = _suspend(Readable(environ, fd, timeout), "readable")
+    return ready
+
+
+def writable(environ: Environ, fd: FdLike, timeout: float | None = None) -> bool:
+    """Like :func:`asyncapp.writable`, as a plain call that suspends."""
+    ready: bool = _suspend(Writable(environ, fd, timeout), "writable")
+    return ready
+
+
+def sleep(environ: Environ, seconds: float) -> None:
+    """Like :func:`asyncapp.sleep`, as a plain call that suspends."""
+    _suspend(Sleep(environ, seconds), "sleep")

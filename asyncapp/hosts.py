@@ -1,0 +1,333 @@
+"""How each operation is carried out on the host the request runs on.
+
+Strategy: every operation is a small generator that yields ``b""`` each time
+the app must hand control back to the host, and returns its result. The
+drivers (:mod:`asyncapp.coroutine`, :mod:`asyncapp.green`) pass those ``b""``
+through to the server unchanged, so nothing but empty body strings ever
+leaves an app, and middleware that respects PEP 3333's block boundaries
+carries them without knowing this module exists.
+
+There are three hosts, picked per operation from the environ the app passes:
+
+* ``x-wsgiorg.async`` (asyncapp's server, :mod:`asyncapp.testing`): waits go
+  through the extension; the body is read through the non-blocking reader the
+  host gives for its own ``wsgi.input`` and for nothing else.
+* ``x-wsgiorg.fdevent`` only (uWSGI's async mode): waits go through fdevent,
+  on a private ``os.dup`` of the fd; the body is read from ``wsgi.input``,
+  which such hosts pre-read (uWSGI's ``--post-buffering``).
+* neither (wsgiref, gunicorn sync, waitress...): plain blocking calls.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+import select
+import threading
+import time
+from collections.abc import Generator
+from typing import Any, Final, Literal
+
+from werkzeug.wsgi import LimitedStream, get_content_length
+
+from .errors import Timeout, UsageError
+from .protocol import (
+    ASYNC_INPUT,
+    ASYNC_READABLE,
+    ASYNC_VERSION,
+    ASYNC_WRITABLE,
+    FDEVENT_READABLE,
+    FDEVENT_TIMEOUT,
+    FDEVENT_WRITABLE,
+    FdLike,
+    WaitHandle,
+)
+
+__all__ = ["host_kind", "read", "sleep", "wait"]
+
+HostKind = Literal["async", "fdevent", "blocking"]
+Environ = dict[str, Any]
+Steps = Generator[bytes, None, Any]
+
+#: environ key under which the blocking fallback keeps the body stream it
+#: wrapped, paired with the ``wsgi.input`` it wrapped (to notice a swap).
+_STREAM_KEY: Final = "asyncapp.body_stream"
+
+#: A host that resumes the app this many times in a row without the fd being
+#: ready, without a timeout and before the deadline is not suspending it at
+#: all (middleware that drains the iterable, or a broken host): finish the
+#: wait with a blocking poll instead of spinning.
+_MAX_SPURIOUS_RESUMES: Final = 2
+
+
+def host_kind(environ: Environ) -> HostKind:
+    """Which of the three hosts this environ belongs to."""
+    version = environ.get(ASYNC_VERSION)
+    if version is not None and version[0] == 1 and ASYNC_READABLE in environ:
+        return "async"
+    if FDEVENT_READABLE in environ:
+        return "fdevent"
+    return "blocking"
+
+
+def _deadline(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _fileno(fd: FdLike) -> int:
+    return fd if isinstance(fd, int) else fd.fileno()
+
+
+def poll(fd: int, write: bool, timeout: float | None) -> bool:
+    """Block until ``fd`` is ready or ``timeout`` passes; the fallback's wait.
+
+    ``poll`` rather than ``select`` because it has no 1024-fd ceiling.
+    Errors and hang-ups count as ready, as ``select`` would report them:
+    the next I/O call then raises the real error.
+    """
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT if write else select.POLLIN | select.POLLPRI)
+    millis = None if timeout is None else max(0, math.ceil(timeout * 1000))
+    events = poller.poll(millis)
+    if not events:
+        return False
+    if events[0][1] & select.POLLNVAL:
+        raise OSError(errno.EBADF, f"file descriptor {fd} is not open")
+    return True
+
+
+#: What :func:`_resolve` returns for a target that is ready at once.
+_READY_NOW: Final = object()
+
+
+def _unwrap_green(inp: Any) -> Any:
+    """The server's input behind :mod:`asyncapp.green`'s buffered wrapper."""
+    raw = getattr(inp, "_asyncapp_raw_input", None)
+    if raw is None:
+        return inp
+    if inp.has_buffered():
+        raise UsageError(
+            "the request body was partly read through the file-like wsgi.input "
+            "that @green.app installs; keep reading it with asyncapp.green.read "
+            "or through wsgi.input, not with asyncapp.read"
+        )
+    return raw
+
+
+def _resolve(environ: Environ, fd: Any) -> Any:
+    """Map what the app waits on to what the host can wait on.
+
+    The request's own input is special: on an ``x-wsgiorg.async`` host it
+    becomes the host's non-blocking reader; anywhere else a file-like input
+    without a usable ``fileno`` is reported ready at once (the following
+    blocking read is correct, just not concurrent).
+    """
+    if isinstance(fd, int):
+        return fd
+    if fd is None:
+        raise UsageError(
+            "wait on an int fd or an object with fileno(); to wait "
+            "for time alone use asyncapp.sleep"
+        )
+    if getattr(fd, "_asyncapp_raw_input", None) is not None:
+        if fd.has_buffered():
+            return _READY_NOW
+        fd = fd._asyncapp_raw_input
+    elif fd is not environ.get("wsgi.input"):
+        return fd
+    if host_kind(environ) == "async":
+        reader = environ[ASYNC_INPUT](fd)
+        if reader is not None:
+            return reader
+    try:
+        fd.fileno()
+    except (AttributeError, OSError, ValueError):
+        return _READY_NOW
+    return fd
+
+
+def wait(environ: Environ, fd: FdLike, write: bool, timeout: float | None) -> Steps:
+    """Wait until ``fd`` is readable (or writable); return False on timeout."""
+    if timeout is not None and not timeout >= 0:
+        raise UsageError(f"timeout must be None or >= 0 seconds, not {timeout!r}")
+    target = _resolve(environ, fd)
+    if target is _READY_NOW:
+        return True
+    kind = host_kind(environ)
+    if kind == "async":
+        return (yield from _async_wait(environ, target, write, timeout))
+    if kind == "fdevent":
+        return (yield from _fdevent_wait(environ, _fileno(target), write, timeout))
+    return poll(_fileno(target), write, timeout)
+
+
+def _async_wait(environ: Environ, target: Any, write: bool, timeout: float | None) -> Steps:
+    deadline = _deadline(timeout)
+    handle: WaitHandle = environ[ASYNC_WRITABLE if write else ASYNC_READABLE](target, timeout)
+    try:
+        yield b""
+    except BaseException:
+        handle.cancel()
+        raise
+    status = handle.status
+    if status == "ready":
+        return True
+    if status == "timeout":
+        return False
+    if status == "error":
+        raise handle.error or OSError(errno.EBADF, "wait failed")
+    # Still pending: the b"" never reached the host. Stay correct, block.
+    handle.cancel()
+    return poll(_fileno(target), write, _remaining(deadline))
+
+
+def _fdevent_timeout(environ: Environ, seconds: float | None) -> float | int | None:
+    if seconds is None:
+        return None
+    if "uwsgi.version" in environ:
+        # uWSGI takes whole seconds only (a float raises TypeError); round up
+        # so the host never resumes the app before the deadline.
+        return max(1, math.ceil(seconds))
+    return seconds
+
+
+def _timeout_flagged(environ: Environ) -> bool:
+    try:
+        return bool(environ.get(FDEVENT_TIMEOUT))
+    except Exception:  # a host's odd flag object must not break the app
+        return False
+
+
+def _fdevent_wait(environ: Environ, fd: int, write: bool, timeout: float | None) -> Steps:
+    """Wait through ``x-wsgiorg.fdevent``, trusting only what can be checked.
+
+    The timeout flag lives in the host's environ dict, and uWSGI replaces it
+    rather than mutating it, so a copy made by middleware never sees it. So
+    readiness is re-checked with a zero-timeout poll on resume, and a timeout
+    is inferred from the monotonic deadline (or the flag, where visible).
+    """
+    if timeout == 0:
+        return poll(fd, write, 0)
+    deadline = _deadline(timeout)
+    register = environ[FDEVENT_WRITABLE if write else FDEVENT_READABLE]
+    # uWSGI refuses a second registration of one fd (epoll EEXIST); a private
+    # dup is a distinct registration that still reports the same readiness.
+    private = os.dup(fd)
+    try:
+        spurious = 0
+        while True:
+            seconds = _fdevent_timeout(environ, _remaining(deadline))
+            try:
+                token = register(private, seconds)
+            except TypeError:
+                if seconds is None or isinstance(seconds, int):
+                    raise
+                # An fdevent host that, like uWSGI, takes whole seconds only.
+                token = register(private, max(1, math.ceil(seconds)))
+            yield token if isinstance(token, bytes) else b""
+            if poll(private, write, 0):
+                return True
+            left = _remaining(deadline)
+            if left is not None and (left <= 0.001 or _timeout_flagged(environ)):
+                return False
+            spurious += 1
+            if spurious >= _MAX_SPURIOUS_RESUMES:
+                return poll(private, write, left)
+    finally:
+        os.close(private)
+
+
+_never_lock = threading.Lock()
+_never_pipe: tuple[int, int] | None = None
+_never_pid = 0
+
+
+def _never_ready_fd() -> int:
+    """A pipe read end nobody writes to: a pure timer for fd-only hosts."""
+    global _never_pipe, _never_pid
+    with _never_lock:
+        if _never_pipe is None or _never_pid != os.getpid():
+            _never_pipe = os.pipe()
+            _never_pid = os.getpid()
+        return _never_pipe[0]
+
+
+def sleep(environ: Environ, seconds: float) -> Steps:
+    """Suspend for ``seconds`` without blocking the host."""
+    if not seconds >= 0:
+        raise UsageError(f"sleep needs a number of seconds >= 0, not {seconds!r}")
+    kind = host_kind(environ)
+    deadline = time.monotonic() + seconds
+    if kind == "async":
+        handle: WaitHandle = environ[ASYNC_READABLE](None, seconds)
+        try:
+            yield b""
+        except BaseException:
+            handle.cancel()
+            raise
+        if handle.status == "pending":
+            handle.cancel()
+    elif kind == "fdevent":
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            yield from _fdevent_wait(environ, _never_ready_fd(), False, left)
+    left = deadline - time.monotonic()
+    if left > 0.0005 and kind != "fdevent":
+        time.sleep(left)
+    return None
+
+
+def _body_stream(environ: Environ, inp: Any) -> Any:
+    """The body as a stream that stops at its end, kept across calls.
+
+    A raw socket file (wsgiref) blocks forever past Content-Length, so it is
+    wrapped in werkzeug's ``LimitedStream``, which also raises
+    ``ClientDisconnected`` (a 400) when the client leaves early.
+    """
+    cached = environ.get(_STREAM_KEY)
+    if cached is not None and cached[0] is inp:
+        return cached[1]
+    if environ.get("wsgi.input_terminated"):
+        stream = inp
+    else:
+        stream = LimitedStream(inp, get_content_length(environ) or 0)
+    environ[_STREAM_KEY] = (inp, stream)
+    return stream
+
+
+def blocking_read(environ: Environ, inp: Any, size: int) -> bytes:
+    """At most ``size`` bytes of the body, ``b""`` at its end, blocking."""
+    data = _body_stream(environ, inp).read(size)
+    return bytes(data) if data else b""
+
+
+def read(environ: Environ, size: int, timeout: float | None, inp: Any = None) -> Steps:
+    """Read like ``socket.recv`` from the body the app holds."""
+    if not isinstance(size, int) or size <= 0:
+        raise UsageError(f"read size must be a positive int, not {size!r}")
+    if inp is None:
+        inp = environ["wsgi.input"]
+    inp = _unwrap_green(inp)
+    reader = None
+    if host_kind(environ) == "async":
+        # Eby's first correction: hand the host the input object the app
+        # holds; a replaced input gets None and is read the ordinary way.
+        reader = environ[ASYNC_INPUT](inp)
+    if reader is None:
+        return blocking_read(environ, inp, size)
+    deadline = _deadline(timeout)
+    while True:
+        try:
+            return bytes(reader.read(size))
+        except BlockingIOError:
+            pass
+        ready = yield from _async_wait(environ, reader, False, _remaining(deadline))
+        if not ready:
+            raise Timeout(f"no request body arrived within {timeout} seconds")

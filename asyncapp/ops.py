@@ -1,0 +1,164 @@
+"""The operations an app can wait on: the only things that ever suspend it.
+
+Like trio's ``_traps``, this module holds every ``yield`` that reaches a
+driver: each operation object yields *itself* once, from ``__iter__`` (for
+``yield from``) or ``__await__`` (for ``await``), and the driver sends back
+the result or throws the error in. What the operation then does on the host
+lives in :mod:`asyncapp.hosts`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any, Generic, TypeVar
+
+from . import hosts
+from .protocol import FdLike
+
+__all__ = ["Op", "Read", "Readable", "Sleep", "Writable", "read", "readable", "sleep", "writable"]
+
+T = TypeVar("T")
+Environ = dict[str, Any]
+
+
+class Op(Generic[T]):
+    """One suspending operation. Use it with ``yield from`` or ``await``.
+
+    Creating an op does nothing by itself; only a driver (``@coroutine``,
+    ``@green.app``) carries it out, on whatever host the environ says.
+    """
+
+    __slots__ = ()
+
+    def __iter__(self) -> Generator[Op[Any], Any, T]:
+        result: T = yield self
+        return result
+
+    def __await__(self) -> Generator[Op[Any], Any, T]:
+        result: T = yield self
+        return result
+
+    def perform(self) -> Generator[bytes, None, T]:
+        """Carry the op out: yields ``b""`` to the host, returns the result."""
+        raise NotImplementedError
+
+
+class Read(Op[bytes]):
+    __slots__ = ("environ", "input", "size", "timeout")
+
+    def __init__(
+        self, environ: Environ, size: int, timeout: float | None, input: Any = None
+    ) -> None:
+        self.environ = environ
+        self.size = size
+        self.timeout = timeout
+        self.input = input
+
+    def perform(self) -> Generator[bytes, None, bytes]:
+        data: bytes = yield from hosts.read(self.environ, self.size, self.timeout, self.input)
+        return data
+
+    def __repr__(self) -> str:
+        return f"<asyncapp.read size={self.size} timeout={self.timeout}>"
+
+
+class Readable(Op[bool]):
+    __slots__ = ("environ", "fd", "timeout")
+    _write = False
+
+    def __init__(self, environ: Environ, fd: FdLike, timeout: float | None) -> None:
+        self.environ = environ
+        self.fd = fd
+        self.timeout = timeout
+
+    def perform(self) -> Generator[bytes, None, bool]:
+        ready: bool = yield from hosts.wait(self.environ, self.fd, self._write, self.timeout)
+        return ready
+
+    def __repr__(self) -> str:
+        kind = "writable" if self._write else "readable"
+        return f"<asyncapp.{kind} fd={self.fd!r} timeout={self.timeout}>"
+
+
+class Writable(Readable):
+    __slots__ = ()
+    _write = True
+
+
+class Sleep(Op[None]):
+    __slots__ = ("environ", "seconds")
+
+    def __init__(self, environ: Environ, seconds: float) -> None:
+        self.environ = environ
+        self.seconds = seconds
+
+    def perform(self) -> Generator[bytes, None, None]:
+        yield from hosts.sleep(self.environ, self.seconds)
+
+    def __repr__(self) -> str:
+        return f"<asyncapp.sleep {self.seconds}s>"
+
+
+def read(environ: Environ, size: int, timeout: float | None = None) -> Read:
+    """Read up to ``size`` bytes of the request body, like ``socket.recv``.
+
+    Returns at most ``size`` bytes, possibly fewer, and ``b""`` only at the
+    end of the body. Raises :class:`asyncapp.Timeout` when ``timeout`` seconds
+    pass with nothing to read. Reads the ``wsgi.input`` the app holds: when
+    middleware replaced it, the replacement is read (blocking), never the
+    socket behind it.
+
+    .. code-block:: python
+
+        @asyncapp.coroutine
+        def app(environ, start_response):
+            body = b""
+            while chunk := (yield from asyncapp.read(environ, 65536)):
+                body += chunk
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            yield b"%d bytes" % len(body)
+
+    In an ``async def`` app write ``await asyncapp.read(environ, 65536)``.
+    """
+    return Read(environ, size, timeout)
+
+
+def readable(environ: Environ, fd: FdLike, timeout: float | None = None) -> Readable:
+    """Wait until ``fd`` is readable; ``True`` when ready, ``False`` on timeout.
+
+    ``fd`` is an int or has ``fileno()``; ``environ["wsgi.input"]`` itself is
+    accepted and waits for request body data.
+
+    .. code-block:: python
+
+        if (yield from asyncapp.readable(environ, upstream, timeout=10)):
+            data = upstream.recv(65536)
+    """
+    return Readable(environ, fd, timeout)
+
+
+def writable(environ: Environ, fd: FdLike, timeout: float | None = None) -> Writable:
+    """Wait until ``fd`` is writable; ``True`` when ready, ``False`` on timeout.
+
+    .. code-block:: python
+
+        while data:
+            if not await asyncapp.writable(environ, upstream, timeout=10):
+                raise asyncapp.Timeout("upstream stalled")
+            data = data[upstream.send(data):]
+    """
+    return Writable(environ, fd, timeout)
+
+
+def sleep(environ: Environ, seconds: float) -> Sleep:
+    """Suspend the app for ``seconds`` without holding up the server.
+
+    .. code-block:: python
+
+        for n in range(10):
+            yield b"tick %d\\n" % n
+            yield from asyncapp.sleep(environ, 1)
+
+    On uWSGI, whose fdevent timeouts are whole seconds, sleeps are rounded up.
+    """
+    return Sleep(environ, seconds)

@@ -1,0 +1,122 @@
+"""Names and small types of the two WSGI extensions, shared by apps and hosts.
+
+``docs/protocol.md`` is the normative text; this module only gives its
+environ keys, its version and its objects a single home in code, so the app
+side (:mod:`asyncapp.hosts`) and the host side (:mod:`asyncapp.scheduler`)
+cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final, Literal, Protocol, runtime_checkable
+
+__all__ = [
+    "ASYNC_INPUT",
+    "ASYNC_READABLE",
+    "ASYNC_VERSION",
+    "ASYNC_WRITABLE",
+    "FDEVENT_READABLE",
+    "FDEVENT_TIMEOUT",
+    "FDEVENT_WRITABLE",
+    "VERSION",
+    "AsyncReader",
+    "FdLike",
+    "TimeoutFlag",
+    "WaitHandle",
+    "WaitStatus",
+]
+
+#: The revision of ``x-wsgiorg.async`` that asyncapp speaks (major, minor).
+#: A host advertises it under :data:`ASYNC_VERSION`; apps accept any 1.x.
+VERSION: Final = (1, 0)
+
+ASYNC_VERSION: Final = "x-wsgiorg.async.version"
+ASYNC_INPUT: Final = "x-wsgiorg.async.input"
+ASYNC_READABLE: Final = "x-wsgiorg.async.readable"
+ASYNC_WRITABLE: Final = "x-wsgiorg.async.writable"
+
+FDEVENT_READABLE: Final = "x-wsgiorg.fdevent.readable"
+FDEVENT_WRITABLE: Final = "x-wsgiorg.fdevent.writable"
+FDEVENT_TIMEOUT: Final = "x-wsgiorg.fdevent.timeout"
+
+WaitStatus = Literal["pending", "ready", "timeout", "error", "cancelled"]
+
+
+class _HasFileno(Protocol):
+    def fileno(self) -> int: ...
+
+
+#: What the readiness calls accept: an int, or anything with ``fileno()``.
+FdLike = int | _HasFileno
+
+
+@runtime_checkable
+class AsyncReader(Protocol):
+    """The non-blocking body reader a host hands out for its own ``wsgi.input``.
+
+    ``read(size)`` behaves like ``socket.recv``: at most one underlying recv,
+    at most ``size`` bytes, ``b""`` only at the end of the body (or when the
+    client closed), :class:`BlockingIOError` when nothing can be had without
+    blocking. Wait with ``readable(reader)`` first.
+    """
+
+    def read(self, size: int) -> bytes: ...
+
+    def fileno(self) -> int: ...
+
+
+class WaitHandle:
+    """What ``x-wsgiorg.async.readable``/``.writable`` return.
+
+    The app yields ``b""`` right after the call; when the host resumes it,
+    :attr:`status` says why. The result travels in this object, which the app
+    holds, never in an environ dict (Eby's second correction).
+
+    ``status`` is ``"pending"`` until the host decides; then ``"ready"``,
+    ``"timeout"``, ``"error"`` (the fd was closed or failed; :attr:`error`
+    holds the :class:`OSError`) or ``"cancelled"``. A handle still pending when
+    the app runs again means the yield never reached the host (middleware that
+    buffers the iterable): the app must not assume anything happened.
+    """
+
+    __slots__ = ("_canceller", "error", "status")
+
+    def __init__(self, canceller: Any = None) -> None:
+        self.status: WaitStatus = "pending"
+        self.error: OSError | None = None
+        self._canceller = canceller
+
+    @property
+    def timed_out(self) -> bool:
+        """True when the timeout elapsed before the fd was ready."""
+        return self.status == "timeout"
+
+    def cancel(self) -> None:
+        """Withdraw a pending wait; a no-op once the host decided."""
+        if self.status == "pending":
+            self.status = "cancelled"
+            canceller, self._canceller = self._canceller, None
+            if canceller is not None:
+                canceller(self)
+
+    def __repr__(self) -> str:
+        return f"<WaitHandle {self.status}>"
+
+
+class TimeoutFlag:
+    """The mutable ``x-wsgiorg.fdevent.timeout`` object, as the fdevent spec asks.
+
+    Its truth value is changed in place, so an environ copy made by
+    middleware still sees it.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = False
+
+    def __bool__(self) -> bool:
+        return self.value
+
+    def __repr__(self) -> str:
+        return f"<TimeoutFlag {self.value}>"

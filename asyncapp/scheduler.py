@@ -1,0 +1,445 @@
+"""The host side of both extensions, on a ``selectors`` loop.
+
+This is what a server (asyncapp's own, or :mod:`asyncapp.testing`) uses to
+run WSGI iterables that suspend. :class:`Loop` owns the selector, the timer
+heap and the callbacks due now; it is the only code here that waits on the
+OS. :class:`AppTask` runs one app iterable: it hands the app the extension
+callables (bound to the task, so no environ dict is ever consulted to find
+out who is calling) and resumes the app when its wait is decided.
+
+Rules (see ``docs/protocol.md``):
+
+* Any number of waits may share one fd; all are resumed when it is ready.
+* A fd is unregistered from the selector before its waiters resume, so an
+  app may close it right away.
+* A fd closed (or closed and reused) while waited on is noticed by a sweep
+  every :data:`FD_SWEEP_INTERVAL` seconds; its waiters resume with status
+  ``"error"`` (``EBADF``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import heapq
+import itertools
+import logging
+import os
+import selectors
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Final
+
+from .errors import UsageError
+from .protocol import (
+    ASYNC_INPUT,
+    ASYNC_READABLE,
+    ASYNC_VERSION,
+    ASYNC_WRITABLE,
+    FDEVENT_READABLE,
+    FDEVENT_TIMEOUT,
+    FDEVENT_WRITABLE,
+    VERSION,
+    TimeoutFlag,
+    WaitHandle,
+)
+
+__all__ = ["FD_SWEEP_INTERVAL", "AppTask", "Loop", "Timer", "Watch"]
+
+log = logging.getLogger("asyncapp.scheduler")
+
+#: How often registered fds are checked for having been closed under their
+#: waiters. epoll forgets a closed fd silently, so without this a wait on it
+#: would last until its timeout, or forever. Once a second costs one fstat per
+#: waited fd per second: 10,000 waits cost about 5 ms.
+FD_SWEEP_INTERVAL: Final = 1.0
+
+_EVENT_READ: Final = selectors.EVENT_READ
+_EVENT_WRITE: Final = selectors.EVENT_WRITE
+
+
+class Timer:
+    """A callback due at a monotonic time; cancelled lazily in the heap."""
+
+    __slots__ = ("callback", "cancelled", "when")
+
+    def __init__(self, when: float, callback: Callable[[], None]) -> None:
+        self.when = when
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def __lt__(self, other: Timer) -> bool:
+        return self.when < other.when
+
+
+class Watch:
+    """A one-shot wait for readiness of one fd; ``callback(error)`` fires once."""
+
+    __slots__ = ("callback", "fd", "write")
+
+    def __init__(self, fd: int, write: bool, callback: Callable[[OSError | None], None]) -> None:
+        self.fd = fd
+        self.write = write
+        self.callback = callback
+
+
+class _FdEntry:
+    __slots__ = ("identity", "readers", "writers")
+
+    def __init__(self, identity: tuple[int, int]) -> None:
+        self.identity = identity
+        self.readers: list[Watch] = []
+        self.writers: list[Watch] = []
+
+    def mask(self) -> int:
+        return (_EVENT_READ if self.readers else 0) | (_EVENT_WRITE if self.writers else 0)
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return (st.st_dev, st.st_ino)
+
+
+class Loop:
+    """A single-threaded event loop: selector, timer heap, ready queue."""
+
+    def __init__(self) -> None:
+        self.selector = selectors.DefaultSelector()
+        self._timers: list[Timer] = []
+        self._ready: deque[Callable[[], None]] = deque()
+        self._fds: dict[int, _FdEntry] = {}
+        self._next_sweep = 0.0
+        self._seq = itertools.count()
+
+    # -- scheduling -------------------------------------------------------
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        self._ready.append(callback)
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        timer = Timer(time.monotonic() + delay, callback)
+        heapq.heappush(self._timers, timer)
+        return timer
+
+    # -- fd readiness -----------------------------------------------------
+    def watch(self, fd: int, write: bool, callback: Callable[[OSError | None], None]) -> Watch:
+        """Call ``callback(None)`` once when ``fd`` is ready (or with an error).
+
+        Raises :class:`OSError` (``EBADF``) at once for a fd that is not open.
+        """
+        entry = self._fds.get(fd)
+        if entry is None:
+            entry = self._fds[fd] = _FdEntry(_identity(fd))
+            old_mask = 0
+        else:
+            old_mask = entry.mask()
+        w = Watch(fd, write, callback)
+        (entry.writers if write else entry.readers).append(w)
+        new_mask = entry.mask()
+        if new_mask != old_mask:
+            try:
+                if old_mask:
+                    self.selector.modify(fd, new_mask)
+                else:
+                    self.selector.register(fd, new_mask)
+            except BaseException:
+                self._drop(w)
+                raise
+        return w
+
+    def unwatch(self, w: Watch) -> None:
+        """Withdraw a watch that has not fired (no-op if it has)."""
+        self._drop(w)
+
+    def _drop(self, w: Watch) -> None:
+        entry = self._fds.get(w.fd)
+        if entry is None:
+            return
+        waiters = entry.writers if w.write else entry.readers
+        try:
+            waiters.remove(w)
+        except ValueError:
+            return
+        self._update(w.fd, entry)
+
+    def _update(self, fd: int, entry: _FdEntry) -> None:
+        mask = entry.mask()
+        try:
+            if mask:
+                self.selector.modify(fd, mask)
+            else:
+                del self._fds[fd]
+                self.selector.unregister(fd)
+        except (KeyError, OSError, ValueError):
+            # The fd was closed under us; the sweep reports it to waiters.
+            pass
+
+    def _fire(self, fd: int, events: int, error: OSError | None) -> None:
+        entry = self._fds.get(fd)
+        if entry is None:
+            return
+        fired: list[Watch] = []
+        if events & _EVENT_READ:
+            fired += entry.readers
+            entry.readers = []
+        if events & _EVENT_WRITE:
+            fired += entry.writers
+            entry.writers = []
+        # Unregister before anyone runs: they may close the fd at once.
+        self._update(fd, entry)
+        for w in fired:
+            self.call_soon(_bind(w.callback, error))
+
+    def _sweep(self) -> None:
+        for fd, entry in list(self._fds.items()):
+            try:
+                same = _identity(fd) == entry.identity
+            except OSError:
+                same = False
+            if not same:
+                error = OSError(errno.EBADF, f"fd {fd} was closed while waited on")
+                with contextlib.suppress(KeyError, OSError, ValueError):
+                    self.selector.unregister(fd)
+                self._fds.pop(fd, None)
+                for w in entry.readers + entry.writers:
+                    self.call_soon(_bind(w.callback, error))
+
+    @property
+    def watched_fds(self) -> int:
+        return len(self._fds)
+
+    # -- running ----------------------------------------------------------
+    def run_once(self, max_wait: float | None = None) -> None:
+        """Wait at most ``max_wait`` for I/O or timers, then run what is due.
+
+        The same order as asyncio's ``_run_once``: poll (not at all if
+        callbacks are already due), collect fired fds and expired timers,
+        then run the callbacks that were due at the start of this pass.
+        """
+        timers = self._timers
+        if self._ready:
+            wait: float | None = 0.0
+        else:
+            wait = max_wait
+            if timers:
+                until = max(0.0, timers[0].when - time.monotonic())
+                wait = until if wait is None else min(wait, until)
+        if self._fds:
+            now = time.monotonic()
+            if now >= self._next_sweep:
+                self._next_sweep = now + FD_SWEEP_INTERVAL
+                self._sweep()
+            until = max(0.0, self._next_sweep - now)
+            wait = until if wait is None else min(wait, until)
+        if self.selector.get_map():
+            for key, events in self.selector.select(wait):
+                self._fire(key.fd, events, None)
+        elif wait is None:
+            raise RuntimeError("run_once would wait forever: nothing is scheduled")
+        elif wait > 0 and not self._ready:
+            time.sleep(wait)
+        now = time.monotonic()
+        while timers and (timers[0].cancelled or timers[0].when <= now):
+            timer = heapq.heappop(timers)
+            if not timer.cancelled:
+                self._ready.append(timer.callback)
+        ready = self._ready
+        for _ in range(len(ready)):
+            ready.popleft()()
+
+    def close(self) -> None:
+        self.selector.close()
+
+
+def _bind(callback: Callable[[OSError | None], None], error: OSError | None) -> Callable[[], None]:
+    return lambda: callback(error)
+
+
+class AppTask:
+    """Runs one WSGI app iterable on a :class:`Loop`, serving both extensions.
+
+    ``on_chunk(data)`` receives each non-empty body chunk; ``on_done(error)``
+    is called once when the iterable ends (``None``), raises (the exception),
+    or is closed by :meth:`close` (``None``). ``reader`` is the host's
+    non-blocking reader for ``own_input``, the ``wsgi.input`` the host made.
+
+    ``quirks="uwsgi"`` imitates uWSGI's fdevent, for tests: integer timeouts
+    only, one registration per fd, timeout flag replaced in the environ dict.
+    """
+
+    def __init__(
+        self,
+        loop: Loop,
+        environ: dict[str, Any],
+        *,
+        own_input: Any = None,
+        reader: Any = None,
+        extensions: Iterable[str] = ("async", "fdevent"),
+        quirks: str | None = None,
+        on_chunk: Callable[[bytes], None],
+        on_done: Callable[[BaseException | None], None],
+    ) -> None:
+        self.loop = loop
+        self.environ = environ
+        self.own_input = own_input
+        self.reader = reader
+        self.quirks = quirks
+        self.on_chunk = on_chunk
+        self.on_done = on_done
+        self.iterable: Iterator[bytes] | None = None
+        self.done = False
+        self._handle: WaitHandle | None = None
+        self._watch: Watch | None = None
+        self._timer: Timer | None = None
+        self._fdevent_flag: TimeoutFlag | None = None
+        extensions = tuple(extensions)
+        if "async" in extensions:
+            environ[ASYNC_VERSION] = VERSION
+            environ[ASYNC_INPUT] = self.async_input
+            environ[ASYNC_READABLE] = self.readable
+            environ[ASYNC_WRITABLE] = self.writable
+        if "fdevent" in extensions:
+            environ[FDEVENT_READABLE] = self.fdevent_readable
+            environ[FDEVENT_WRITABLE] = self.fdevent_writable
+            self._fdevent_flag = TimeoutFlag()
+            environ[FDEVENT_TIMEOUT] = None if quirks == "uwsgi" else self._fdevent_flag
+            if quirks == "uwsgi":
+                environ["uwsgi.version"] = b"2.0-imitated"
+
+    # -- the extension callables -------------------------------------------
+    def async_input(self, wsgi_input: Any) -> Any:
+        """``x-wsgiorg.async.input``: a reader only for the host's own input."""
+        return self.reader if wsgi_input is self.own_input and self.reader is not None else None
+
+    def readable(self, fd: Any, timeout: float | None = None) -> WaitHandle:
+        return self._wait(fd, False, timeout)
+
+    def writable(self, fd: Any, timeout: float | None = None) -> WaitHandle:
+        return self._wait(fd, True, timeout)
+
+    def fdevent_readable(self, fd: Any, timeout: float | None = None) -> bytes:
+        self._fdevent(fd, False, timeout)
+        return b""
+
+    def fdevent_writable(self, fd: Any, timeout: float | None = None) -> bytes:
+        self._fdevent(fd, True, timeout)
+        return b""
+
+    def _fdevent(self, fd: Any, write: bool, timeout: float | None) -> None:
+        if self.quirks == "uwsgi":
+            if timeout is not None and not isinstance(timeout, int):
+                raise TypeError("an integer is required (uWSGI fdevent timeout)")
+            if fd is None or not isinstance(fd, int):
+                raise TypeError("an integer is required (uWSGI fdevent fd)")
+            if fd in self.loop._fds:
+                raise OSError(errno.EEXIST, "uWSGI: fd already registered")
+        if fd is None:
+            raise TypeError("x-wsgiorg.fdevent needs a file descriptor")
+        self._wait(fd, write, timeout)
+
+    def _wait(self, fd: Any, write: bool, timeout: float | None) -> WaitHandle:
+        if self._handle is not None and self._handle.status == "pending":
+            raise UsageError(
+                "a second wait was requested before the app yielded b'' for the "
+                "first; call readable/writable once, then yield"
+            )
+        handle = WaitHandle(self._cancel)
+        self._handle = handle
+        if timeout is not None:
+            self._timer = self.loop.call_later(max(0.0, timeout), self._on_timeout)
+        if fd is None:
+            if timeout is None:
+                raise UsageError("a wait needs a fd, a timeout, or both")
+            return handle
+        if fd is self.reader and self.reader is not None and self.reader.ready_now():
+            self.loop.call_soon(lambda: self._decide("ready", None))
+            return handle
+        fileno = fd if isinstance(fd, int) else fd.fileno()
+        try:
+            self._watch = self.loop.watch(fileno, write, self._on_ready)
+        except OSError as error:
+            failure = error  # an except target is unbound when the block ends
+            self.loop.call_soon(lambda: self._decide("error", failure))
+        return handle
+
+    # -- deciding a wait --------------------------------------------------
+    def _on_ready(self, error: OSError | None) -> None:
+        self._watch = None
+        self._decide("error" if error else "ready", error)
+
+    def _on_timeout(self) -> None:
+        self._timer = None
+        self._decide("timeout", None)
+
+    def _decide(self, status: Any, error: OSError | None) -> None:
+        handle = self._handle
+        if handle is None or handle.status != "pending":
+            return
+        handle.status = status
+        handle.error = error
+        self._clear_wait()
+        if self._fdevent_flag is not None:
+            timed_out = status == "timeout"
+            if self.quirks == "uwsgi":
+                self.environ[FDEVENT_TIMEOUT] = True if timed_out else None
+            else:
+                self._fdevent_flag.value = timed_out
+        if not self.done:
+            self.loop.call_soon(self.step)
+
+    def _cancel(self, handle: WaitHandle) -> None:
+        if handle is self._handle:
+            self._clear_wait()
+
+    def _clear_wait(self) -> None:
+        if self._watch is not None:
+            self.loop.unwatch(self._watch)
+            self._watch = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    # -- running the app --------------------------------------------------
+    def start(self, iterable: Iterable[bytes]) -> None:
+        self.iterable = iter(iterable)
+        self.loop.call_soon(self.step)
+
+    def step(self) -> None:
+        """Advance the app until it suspends on a wait or ends."""
+        iterator = self.iterable
+        if self.done or iterator is None:
+            return
+        try:
+            while True:
+                chunk = next(iterator)
+                if chunk:
+                    self.on_chunk(chunk)
+                elif self._handle is not None and self._handle.status == "pending":
+                    return
+        except StopIteration:
+            self._finish(None)
+        except Exception as error:
+            self._finish(error)
+
+    def close(self) -> None:
+        """The client went away: cancel the wait and close the app now."""
+        self._finish(None)
+
+    def _finish(self, error: BaseException | None) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self._handle is not None:
+            self._handle.cancel()
+        self._clear_wait()
+        close = getattr(self.iterable, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception as close_error:
+                log.exception("error closing the app iterable")
+                error = error or close_error
+        self.on_done(error)
