@@ -20,6 +20,7 @@ Rules (see ``docs/protocol.md``):
 from __future__ import annotations
 
 import contextlib
+import contextlib
 import errno
 import heapq
 import itertools
@@ -88,15 +89,22 @@ class Watch:
 
 
 class _FdEntry:
-    __slots__ = ("identity", "readers", "writers")
+    """Who waits on one fd: one-shot watches, and at most one persistent
+    reader and writer callback (a server's own connection handling)."""
 
-    def __init__(self, identity: tuple[int, int]) -> None:
+    __slots__ = ("identity", "on_read", "on_write", "readers", "writers")
+
+    def __init__(self, identity: tuple[int, int] | None) -> None:
         self.identity = identity
         self.readers: list[Watch] = []
         self.writers: list[Watch] = []
+        self.on_read: Callable[[], None] | None = None
+        self.on_write: Callable[[], None] | None = None
 
     def mask(self) -> int:
-        return (_EVENT_READ if self.readers else 0) | (_EVENT_WRITE if self.writers else 0)
+        return (_EVENT_READ if self.readers or self.on_read else 0) | (
+            _EVENT_WRITE if self.writers or self.on_write else 0
+        )
 
 
 def _identity(fd: int) -> tuple[int, int]:
@@ -136,6 +144,8 @@ class Loop:
             old_mask = 0
         else:
             old_mask = entry.mask()
+            if entry.identity is None:
+                entry.identity = _identity(fd)
         w = Watch(fd, write, callback)
         (entry.writers if write else entry.readers).append(w)
         new_mask = entry.mask()
@@ -149,6 +159,51 @@ class Loop:
                 self._drop(w)
                 raise
         return w
+
+    def add_handler(self, fd: int, write: bool, callback: Callable[[], None] | None) -> None:
+        """Set (or, with ``None``, remove) the persistent reader or writer of ``fd``.
+
+        Persistent handlers are for fds the host owns (connection sockets):
+        they are called directly on every readiness, stay registered, and
+        are not swept. One-shot watches on the same fd still work beside them.
+        """
+        entry = self._fds.get(fd)
+        if entry is None:
+            if callback is None:
+                return
+            entry = self._fds[fd] = _FdEntry(None)
+            old_mask = 0
+        else:
+            old_mask = entry.mask()
+        if write:
+            entry.on_write = callback
+        else:
+            entry.on_read = callback
+        new_mask = entry.mask()
+        if new_mask == old_mask:
+            return
+        if not new_mask:
+            del self._fds[fd]
+            with contextlib.suppress(KeyError, OSError, ValueError):
+                self.selector.unregister(fd)
+        elif old_mask:
+            self.selector.modify(fd, new_mask)
+        else:
+            self.selector.register(fd, new_mask)
+
+    def forget(self, fd: int) -> None:
+        """Drop everything registered for ``fd`` (its owner is closing it).
+
+        One-shot watches on it are resumed with ``EBADF``.
+        """
+        entry = self._fds.pop(fd, None)
+        if entry is None:
+            return
+        with contextlib.suppress(KeyError, OSError, ValueError):
+            self.selector.unregister(fd)
+        error = OSError(errno.EBADF, f"fd {fd} was closed while waited on")
+        for w in entry.readers + entry.writers:
+            self.call_soon(_bind(w.callback, error))
 
     def unwatch(self, w: Watch) -> None:
         """Withdraw a watch that has not fired (no-op if it has)."""
@@ -181,13 +236,22 @@ class Loop:
         entry = self._fds.get(fd)
         if entry is None:
             return
+        if entry.on_read is not None or entry.on_write is not None:
+            if events & _EVENT_READ and entry.on_read is not None:
+                entry.on_read()
+            if events & _EVENT_WRITE and entry.on_write is not None:
+                entry.on_write()
+            if not (entry.readers or entry.writers) or self._fds.get(fd) is not entry:
+                return
         fired: list[Watch] = []
-        if events & _EVENT_READ:
+        if events & _EVENT_READ and entry.readers:
             fired += entry.readers
             entry.readers = []
-        if events & _EVENT_WRITE:
+        if events & _EVENT_WRITE and entry.writers:
             fired += entry.writers
             entry.writers = []
+        if not fired:
+            return
         # Unregister before anyone runs: they may close the fd at once.
         self._update(fd, entry)
         for w in fired:
@@ -195,6 +259,8 @@ class Loop:
 
     def _sweep(self) -> None:
         for fd, entry in list(self._fds.items()):
+            if entry.identity is None or not (entry.readers or entry.writers):
+                continue
             try:
                 same = _identity(fd) == entry.identity
             except OSError:
@@ -261,7 +327,8 @@ def _bind(callback: Callable[[OSError | None], None], error: OSError | None) -> 
 class AppTask:
     """Runs one WSGI app iterable on a :class:`Loop`, serving both extensions.
 
-    ``on_chunk(data)`` receives each non-empty body chunk; ``on_done(error)``
+    ``on_chunk(data)`` receives each non-empty body chunk and returns
+    ``False`` to pause the app until :meth:`resume_output`; ``on_done(error)``
     is called once when the iterable ends (``None``), raises (the exception),
     or is closed by :meth:`close` (``None``). ``reader`` is the host's
     non-blocking reader for ``own_input``, the ``wsgi.input`` the host made.
@@ -279,7 +346,7 @@ class AppTask:
         reader: Any = None,
         extensions: Iterable[str] = ("async", "fdevent"),
         quirks: str | None = None,
-        on_chunk: Callable[[bytes], None],
+        on_chunk: Callable[[bytes], bool | None],
         on_done: Callable[[BaseException | None], None],
     ) -> None:
         self.loop = loop
@@ -291,6 +358,7 @@ class AppTask:
         self.on_done = on_done
         self.iterable: Iterator[bytes] | None = None
         self.done = False
+        self.paused = False
         self._handle: WaitHandle | None = None
         self._watch: Watch | None = None
         self._timer: Timer | None = None
@@ -412,17 +480,29 @@ class AppTask:
         iterator = self.iterable
         if self.done or iterator is None:
             return
+        if self.paused:
+            return
         try:
             while True:
                 chunk = next(iterator)
                 if chunk:
-                    self.on_chunk(chunk)
+                    if self.on_chunk(chunk) is False:
+                        # The host's output is full: not resumed until
+                        # resume_output(), so memory per request stays bounded.
+                        self.paused = True
+                        return
                 elif self._handle is not None and self._handle.status == "pending":
                     return
         except StopIteration:
             self._finish(None)
         except Exception as error:
             self._finish(error)
+
+    def resume_output(self) -> None:
+        """The host drained its output: let a task paused by ``on_chunk`` go on."""
+        if self.paused:
+            self.paused = False
+            self.loop.call_soon(self.step)
 
     def close(self) -> None:
         """The client went away: cancel the wait and close the app now."""

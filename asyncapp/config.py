@@ -1,0 +1,81 @@
+"""Every limit and timeout of the bundled server, with the reason for its value.
+
+All of them are keyword arguments of :func:`asyncapp.serve` and fields of
+:class:`Config`; the command line exposes the common ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+__all__ = ["Config"]
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Settings of the bundled server. Construct with keywords; all optional."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    #: A Unix domain socket path; when set, ``host`` and ``port`` are unused.
+    uds: str | None = None
+    access_log: bool = True
+    #: Server header value; empty to send none.
+    server_header: str = "asyncapp"
+
+    #: Request line: 8190 bytes, Apache's LimitRequestLine and gunicorn's
+    #: default ``limit_request_line`` ceiling; longer gets 414.
+    max_request_line: int = 8190
+    #: One header field (name + value): 8190, gunicorn's
+    #: ``limit_request_field_size`` and nginx's 8k buffers; longer gets 431.
+    max_header_size: int = 8190
+    #: Header fields per request: 100, as Apache (LimitRequestFields),
+    #: gunicorn and h11's defaults; more gets 431.
+    max_header_count: int = 100
+    #: The whole head: 64 KiB, a little above nginx's 4 x 8k large buffers so
+    #: that anything nginx forwards fits; more gets 431.
+    max_head_size: int = 65536
+    #: Request body: 1 GiB by default (413 above it). Large enough for the
+    #: upload benchmark's 100 MiB; lower it to what the app really accepts.
+    max_body_size: int | None = 1 << 30
+    #: Seconds to receive a complete request head once its first byte (or
+    #: the connection) arrived: 10 s stops slowloris clients from holding
+    #: connections while real clients on real networks still make it.
+    header_timeout: float = 10.0
+    #: Seconds an idle keep-alive connection is kept: 5 s, uvicorn's default
+    #: (gunicorn: 2 s, nginx: 75 s); a proxy in front should use less.
+    keepalive_timeout: float = 5.0
+    #: Seconds a blocking read of ``wsgi.input`` by a plain (not asyncapp)
+    #: app may wait for more body; it blocks the whole loop, so keep it short.
+    body_timeout: float = 10.0
+    #: Open connections at most; at the limit the server stops accepting
+    #: (the kernel backlog holds newcomers) instead of failing.
+    max_connections: int = 20000
+    #: Listen backlog: 2048, what the peers were measured with.
+    backlog: int = 2048
+    #: Bytes of unread request body buffered per connection before the server
+    #: stops reading the socket (the client then waits in TCP flow control).
+    max_body_buffer: int = 65536
+    #: Bytes of response queued per connection before the app is no longer
+    #: resumed until the client has read some: bounded memory per connection
+    #: whatever the app yields.
+    write_buffer_high: int = 65536
+    #: Bytes of unread body the server reads and discards after a response so
+    #: the connection can be reused; more than that and it closes instead.
+    max_drain: int = 65536
+    #: Seconds in-flight requests get to finish after SIGINT/SIGTERM.
+    shutdown_grace: float = 10.0
+    #: Set ``TCP_NODELAY``: without it a keep-alive client can wait 40 ms for
+    #: the delayed ACK on every response (gevent.pywsgi's 44 ms).
+    tcp_nodelay: bool = True
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with ``changes`` applied; unknown names raise TypeError."""
+        known = {f.name for f in fields(self)}
+        unknown = set(changes) - known
+        if unknown:
+            raise TypeError(f"unknown server settings: {', '.join(sorted(unknown))}")
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(changes)
+        return Config(**values)
