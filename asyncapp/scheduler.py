@@ -20,7 +20,6 @@ Rules (see ``docs/protocol.md``):
 from __future__ import annotations
 
 import contextlib
-import contextlib
 import errno
 import heapq
 import itertools

@@ -25,18 +25,23 @@ For werkzeug's test client, wrap the app with :func:`hosted`:
 from __future__ import annotations
 
 import contextlib
+import contextlib
 import io
 import socket
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from werkzeug.test import EnvironBuilder
 
 from .hosts import poll
 from .scheduler import AppTask, Loop, Timer, Watch
 
-__all__ = ["Call", "Host", "SocketReader", "hosted"]
+if TYPE_CHECKING:
+    from .server import Server
+
+__all__ = ["Call", "Host", "SocketReader", "hosted", "live_server"]
 
 Environ = dict[str, Any]
 WSGIApp = Callable[[Environ, Callable[..., Any]], Iterable[bytes]]
@@ -391,3 +396,45 @@ def hosted(
         return [call.body]
 
     return wsgi_app
+
+
+@contextlib.contextmanager
+def live_server(app: WSGIApp, **settings: Any) -> Iterator[Server]:
+    """Run the bundled server in a background thread on an ephemeral port.
+
+    Yields the :class:`~asyncapp.server.Server` (``server.url``,
+    ``server.address``); stops it, gracefully, when the block ends.
+
+    .. code-block:: python
+
+        with live_server(app) as server:
+            urllib.request.urlopen(server.url + "/").read()
+    """
+    from .config import Config
+    from .server import Server
+
+    settings.setdefault("port", 0)
+    settings.setdefault("access_log", False)
+    server = Server(app, Config().replace(**settings))
+    server.bind()
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            server.serve()
+        except BaseException as error:  # reported to the test below
+            failure.append(error)
+
+    thread = threading.Thread(target=run, name="asyncapp-live-server", daemon=True)
+    thread.start()
+    if not server.wait_ready(10):
+        raise RuntimeError(f"the server did not start: {failure}")
+    try:
+        yield server
+    finally:
+        server.stop()
+        thread.join(timeout=server.config.shutdown_grace + 10)
+        if thread.is_alive():
+            raise RuntimeError("the server did not stop")
+        if failure:
+            raise failure[0]

@@ -1,0 +1,1039 @@
+"""The bundled server: one process, one thread, one ``selectors`` loop.
+
+Theory of operation. :class:`Server` owns the listening sockets and the
+:class:`~asyncapp.scheduler.Loop`. Each accepted socket gets a
+:class:`Connection`, which feeds received bytes to a sans-IO
+:class:`~asyncapp.http11.RequestParser` and serves the parsed requests one
+at a time, in order, as :class:`Exchange` objects. An exchange builds the
+environ, runs the app through an :class:`~asyncapp.scheduler.AppTask` (which
+serves ``x-wsgiorg.async`` and ``x-wsgiorg.fdevent`` for it), frames the
+response and keeps the connection reusable.
+
+Who reads the socket: while a request's body is still arriving, only the
+app does, through the body reader (one ``recv`` per ``read``, as the
+protocol says), so the body streams at the pace the app reads it and the
+server never buffers more than one ``recv``. Once the body is complete the
+connection reads again, to notice a client that leaves while the app waits,
+and to collect pipelined requests (a bounded amount).
+
+Backpressure on output: when more than ``write_buffer_high`` bytes wait for
+the client, the app is not resumed until they drain.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Any, Final
+from urllib.parse import unquote_to_bytes
+
+from .config import Config
+from .hosts import poll
+from .http11 import (
+    END,
+    HOP_BY_HOP,
+    ProtocolError,
+    RequestHead,
+    RequestParser,
+    ResponseError,
+    check_header,
+    check_status,
+    chunk,
+    response_head,
+)
+from .scheduler import AppTask, Loop
+
+__all__ = ["Connection", "Exchange", "Server", "serve"]
+
+log = logging.getLogger("asyncapp.server")
+access_log = logging.getLogger("asyncapp.access")
+
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+#: Bytes asked of one ``recv``: 64 KiB, the loopback segment size, so a
+#: large upload arrives in few calls.
+RECV_SIZE: Final = 65536
+#: How often connection deadlines (header and keep-alive timeouts) are
+#: checked; a per-request timer would churn the heap at every request.
+DEADLINE_SWEEP: Final = 0.25
+#: Connections accepted per readiness of a listening socket, so a burst of
+#: connects is taken in one go without starving established connections.
+ACCEPT_BATCH: Final = 64
+
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+_NO_BODY_STATUS: Final = frozenset({204, 304})
+
+
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def error_response(status: int, message: str, server_header: str) -> bytes:
+    """A complete ``text/plain`` error response that closes the connection."""
+    body = (message + "\n").encode("utf-8", "replace")
+    headers = [
+        ("Content-Type", "text/plain; charset=utf-8"),
+        ("Content-Length", str(len(body))),
+        ("Connection", "close"),
+    ]
+    if server_header:
+        headers.append(("Server", server_header))
+    return response_head("1.1", f"{status} {_reason(status)}", headers) + body
+
+
+class _Clock:
+    """The Date header and the access-log timestamp, formatted once a second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self.date = ""
+        self.clf = ""
+
+    def tick(self) -> None:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self.date = formatdate(now, usegmt=True)
+            self.clf = time.strftime("%d/%b/%Y:%H:%M:%S %z", time.localtime(now))
+
+
+class BodyReader:
+    """The non-blocking reader of one request body (``x-wsgiorg.async.input``).
+
+    ``read(size)`` answers from bytes already parsed, or makes exactly one
+    ``recv`` and parses it; see ``docs/protocol.md`` 3.3.
+    """
+
+    __slots__ = ("_exchange", "recv_calls")
+
+    def __init__(self, exchange: Exchange) -> None:
+        self._exchange = exchange
+        self.recv_calls = 0
+
+    def read(self, size: int) -> bytes:
+        if not isinstance(size, int) or size <= 0:
+            raise ValueError(f"read size must be a positive int, not {size!r}")
+        exchange = self._exchange
+        if exchange.body_done:
+            return b""
+        exchange.continue_if_expected()
+        conn = exchange.conn
+        data = exchange.take_body(size)
+        if data is not None:
+            return data
+        if conn.closed:
+            return b""
+        self.recv_calls += 1
+        received = conn.recv_for_body()
+        if received is None:
+            raise BlockingIOError(errno.EAGAIN, "no request body data yet")
+        if not received:
+            return b""  # the client closed before the body ended
+        data = exchange.take_body(size)
+        if data is None:
+            raise BlockingIOError(errno.EAGAIN, "no request body data yet")
+        return data
+
+    def fileno(self) -> int:
+        return self._exchange.conn.fd
+
+    def ready_now(self) -> bool:
+        exchange = self._exchange
+        return exchange.body_done or exchange.conn.closed or exchange.has_body_event()
+
+
+class ServerInput(io.RawIOBase):
+    """The ``wsgi.input`` of a request: a blocking file over the body reader.
+
+    Blocking reads stop the whole loop while they wait, at most
+    ``body_timeout`` seconds per wait; asyncapp apps read through
+    ``asyncapp.read`` (or ``@green.app``) and never block.
+    """
+
+    def __init__(self, reader: BodyReader, timeout: float) -> None:
+        super().__init__()
+        self._reader = reader
+        self._timeout = timeout
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        size = len(buffer)
+        if size == 0:
+            return 0
+        while True:
+            try:
+                data = self._reader.read(size)
+            except BlockingIOError:
+                if not poll(self._reader.fileno(), False, self._timeout):
+                    raise TimeoutError(f"no request body data for {self._timeout} s") from None
+                continue
+            buffer[: len(data)] = data
+            return len(data)
+
+
+class Exchange:
+    """One request and its response on a connection."""
+
+    __slots__ = (
+        "body_done",
+        "body_read",
+        "bytes_sent",
+        "chunked",
+        "conn",
+        "continue_sent",
+        "environ",
+        "head",
+        "headers",
+        "headers_sent",
+        "is_head",
+        "keep_alive",
+        "length_left",
+        "reader",
+        "status",
+        "status_code",
+        "task",
+    )
+
+    def __init__(self, conn: Connection, head: RequestHead) -> None:
+        self.conn = conn
+        self.head = head
+        self.body_done = not head.has_body
+        self.body_read = False
+        self.continue_sent = False
+        self.status: str | None = None
+        self.status_code = 0
+        self.headers: list[tuple[str, str]] = []
+        self.headers_sent = False
+        self.is_head = head.method == "HEAD"
+        self.keep_alive = head.keep_alive and not conn.server.stopping
+        self.chunked = False
+        self.length_left: int | None = None
+        self.bytes_sent = 0
+        self.reader = BodyReader(self)
+        self.task: AppTask | None = None
+        self.environ = self._environ()
+
+    # -- the request side ------------------------------------------------
+    def _environ(self) -> dict[str, Any]:
+        head = self.head
+        conn = self.conn
+        environ = conn.base_environ.copy()
+        path = head.path
+        environ["REQUEST_METHOD"] = head.method
+        environ["PATH_INFO"] = (unquote_to_bytes(path) if b"%" in path else path).decode("latin-1")
+        environ["QUERY_STRING"] = head.query.decode("latin-1")
+        environ["RAW_URI"] = head.target.decode("latin-1")
+        environ["SERVER_PROTOCOL"] = "HTTP/" + head.version
+        for name, value in head.headers:
+            key = name.decode("latin-1").upper().replace("-", "_")
+            text = value.decode("latin-1")
+            if key == "CONTENT_TYPE" or key == "CONTENT_LENGTH":
+                environ[key] = text
+                continue
+            key = "HTTP_" + key
+            if key in environ:
+                separator = "; " if key == "HTTP_COOKIE" else ","
+                environ[key] = environ[key] + separator + text
+            else:
+                environ[key] = text
+        environ["wsgi.input"] = ServerInput(self.reader, conn.server.config.body_timeout)
+        return environ
+
+    def has_body_event(self) -> bool:
+        events = self.conn.parser.events
+        return bool(events) and not isinstance(events[0], RequestHead)
+
+    def take_body(self, size: int) -> bytes | None:
+        """Up to ``size`` parsed body bytes; ``b""`` at the end; None if none yet."""
+        events = self.conn.parser.events
+        if not events:
+            return None
+        first = events[0]
+        if first is END:
+            events.popleft()
+            self.body_done = True
+            self.conn.body_finished()
+            return b""
+        if isinstance(first, RequestHead):  # cannot happen before END
+            return None
+        assert isinstance(first, bytes)
+        self.body_read = True
+        if len(first) <= size:
+            events.popleft()
+            self.conn.buffered_body -= len(first)
+            return first
+        events[0] = first[size:]
+        self.conn.buffered_body -= size
+        return first[:size]
+
+    def continue_if_expected(self) -> None:
+        if self.head.expect_continue and not self.continue_sent and not self.headers_sent:
+            self.continue_sent = True
+            self.conn.write(_CONTINUE)
+
+    # -- running the app ---------------------------------------------------
+    def run(self, app: WSGIApp) -> None:
+        environ = self.environ
+        task = AppTask(
+            self.conn.server.loop,
+            environ,
+            own_input=environ["wsgi.input"],
+            reader=self.reader,
+            on_chunk=self.send_body,
+            on_done=self.app_done,
+        )
+        self.task = task
+        try:
+            result = app(environ, self.start_response)
+        except Exception as error:
+            self.app_done(error)
+            return
+        if (
+            result.__class__ is list
+            and len(result) == 1  # type: ignore[arg-type,unused-ignore]
+            and self.status is not None
+            and not self.headers_sent
+        ):
+            # The common `return [body]`: its length is known, so it goes
+            # out with a Content-Length in one send, with no task at all.
+            task.done = True
+            self.send_body(result[0], whole=True)  # type: ignore[index,unused-ignore]
+            self.app_done(None)
+            return
+        task.iterable = iter(result)
+        task.step()
+
+    def start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
+    ) -> Callable[[bytes], None]:
+        if exc_info is not None:
+            try:
+                if self.headers_sent:
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None
+        elif self.status is not None:
+            raise ResponseError("start_response called a second time without exc_info")
+        self.status_code = check_status(status)
+        if not isinstance(headers, list):
+            raise ResponseError(f"response headers must be a list, not {type(headers).__name__}")
+        for item in headers:
+            if not (isinstance(item, tuple) and len(item) == 2):
+                raise ResponseError(f"response header {item!r} is not a (name, value) tuple")
+            check_header(*item)
+        self.status = status
+        self.headers = headers
+        return self.write
+
+    def write(self, data: bytes) -> None:
+        """The legacy ``write()`` callable of PEP 3333."""
+        if self.status is None:
+            raise ResponseError("write() called before start_response()")
+        self.send_body(data)
+
+    def _send_head(self, first: bytes, whole: bool) -> bytes:
+        """Decide framing, and return the head (plus ``first`` framed)."""
+        conn = self.conn
+        server = conn.server
+        head = self.head
+        if self.status is None:
+            raise ResponseError("the app sent body data before calling start_response()")
+        code = self.status_code
+        headers: list[tuple[str, str]] = []
+        length: int | None = None
+        for name, value in self.headers:
+            lname = name.lower()
+            if lname in HOP_BY_HOP:
+                if lname == "connection" and "close" in value.lower():
+                    self.keep_alive = False
+                continue
+            if lname == "content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    raise ResponseError(f"invalid Content-Length {value!r}") from None
+            headers.append((name, value))
+        body_allowed = not (code < 200 or code in _NO_BODY_STATUS)
+        if length is None and body_allowed:
+            if whole:
+                length = len(first)
+                if not self.is_head or first:
+                    headers.append(("Content-Length", str(length)))
+            elif head.version == "1.1":
+                self.chunked = not self.is_head
+                if self.chunked:
+                    headers.append(("Transfer-Encoding", "chunked"))
+            else:
+                self.keep_alive = False
+        if length is not None and not self.is_head and body_allowed:
+            self.length_left = length
+        if (
+            self.keep_alive
+            and not self.body_done
+            and not (self.body_read or self.continue_sent)
+            and (head.expect_continue or (head.content_length or 0) > server.config.max_drain)
+        ):
+            # The client may be holding its body for a 100 Continue that
+            # will never come, or sending one we would have to drain blind.
+            self.keep_alive = False
+        if not self.keep_alive:
+            headers.append(("Connection", "close"))
+        elif head.version == "1.0":
+            headers.append(("Connection", "keep-alive"))
+        clock = server.clock
+        clock.tick()
+        headers.append(("Date", clock.date))
+        if server.config.server_header:
+            headers.append(("Server", server.config.server_header))
+        self.headers_sent = True
+        return response_head(head.version, self.status, headers) + self._frame(first)
+
+    def _frame(self, data: bytes) -> bytes:
+        if not data or self.is_head or self.status_code in _NO_BODY_STATUS:
+            return b""
+        left = self.length_left
+        if left is not None:
+            if len(data) > left:
+                log.error(
+                    "%s %s: the app sent more than its Content-Length (%d); "
+                    "truncated, connection closed",
+                    self.head.method,
+                    self.environ["RAW_URI"],
+                    self.bytes_sent + left,
+                )
+                data = data[:left]
+                self.keep_alive = False
+            self.length_left = left - len(data)
+        self.bytes_sent += len(data)
+        return chunk(data) if self.chunked else data
+
+    def send_body(self, data: bytes, whole: bool = False) -> bool:
+        """Queue a body chunk; False asks the task to pause (output full)."""
+        if data.__class__ is not bytes:
+            if not isinstance(data, bytes):
+                raise ResponseError(f"the app yielded {type(data).__name__}, not bytes")
+            data = bytes(data)
+        conn = self.conn
+        if conn.closed:
+            return False
+        out = self._frame(data) if self.headers_sent else self._send_head(data, whole)
+        if out:
+            conn.write(out)
+        return len(conn.out) < conn.server.config.write_buffer_high
+
+    def app_done(self, error: BaseException | None) -> None:
+        conn = self.conn
+        if self.task is not None:
+            self.task.done = True
+        if conn.closed:
+            conn.exchange_finished(self)
+            return
+        if error is not None:
+            if isinstance(error, ProtocolError):
+                status, message = error.status, error.reason
+            else:
+                status, message = 500, "Internal Server Error"
+                log.error(
+                    "Error in app for %s %s\n%s",
+                    self.head.method,
+                    self.environ["RAW_URI"],
+                    "".join(traceback.format_exception(error)),
+                )
+            if self.headers_sent:
+                conn.abort()
+            else:
+                self.status = f"{status} {_reason(status)}"
+                self.status_code = status
+                conn.write(error_response(status, message, conn.server.config.server_header))
+                self.keep_alive = False
+                conn.close_after_flush()
+            self.log_access()
+            conn.exchange_finished(self)
+            return
+        try:
+            if not self.headers_sent:
+                conn.write(self._send_head(b"", whole=True))
+            if self.chunked:
+                conn.write(b"0\r\n\r\n")
+        except ResponseError as misuse:
+            self.app_done(misuse)
+            return
+        if self.length_left:
+            log.error(
+                "%s %s: the app sent %d bytes fewer than its Content-Length; connection closed",
+                self.head.method,
+                self.environ["RAW_URI"],
+                self.length_left,
+            )
+            self.keep_alive = False
+        self.log_access()
+        if not self.keep_alive:
+            conn.close_after_flush()
+        conn.exchange_finished(self)
+
+    def log_access(self) -> None:
+        server = self.conn.server
+        if not server.config.access_log or not access_log.isEnabledFor(logging.INFO):
+            return
+        server.clock.tick()
+        head = self.head
+        access_log.info(
+            '%s - - [%s] "%s %s HTTP/%s" %d %s',
+            self.environ.get("REMOTE_ADDR", "-"),
+            server.clock.clf,
+            head.method,
+            head.target.decode("latin-1"),
+            head.version,
+            self.status_code,
+            self.bytes_sent or "-",
+        )
+
+
+class Connection:
+    """One client connection: parse, serve requests in order, write, close."""
+
+    __slots__ = (
+        "_processing",
+        "base_environ",
+        "buffered_body",
+        "closed",
+        "closing",
+        "deadline",
+        "exchange",
+        "fd",
+        "out",
+        "parser",
+        "peer",
+        "reading",
+        "server",
+        "sock",
+        "writing",
+    )
+
+    def __init__(self, server: Server, sock: socket.socket, peer: Any) -> None:
+        self.server = server
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        self.parser = RequestParser(server.config)
+        self.exchange: Exchange | None = None
+        self.out = bytearray()
+        self.closed = False
+        self.closing = False
+        self.reading = False
+        self.writing = False
+        self.buffered_body = 0
+        self._processing = False
+        self.deadline: float | None = time.monotonic() + server.config.header_timeout
+        environ = server.base_environ.copy()
+        if isinstance(peer, tuple):
+            environ["REMOTE_ADDR"] = peer[0]
+            environ["REMOTE_PORT"] = str(peer[1])
+        else:
+            environ["REMOTE_ADDR"] = "127.0.0.1" if not peer else str(peer)
+        self.base_environ = environ
+        self._set_reading(True)
+
+    # -- reading ---------------------------------------------------------------
+    def _set_reading(self, on: bool) -> None:
+        if on != self.reading and not self.closed:
+            self.reading = on
+            self.server.loop.add_handler(self.fd, False, self.on_readable if on else None)
+
+    def _want_reading(self) -> bool:
+        if self.closing:
+            return False
+        exchange = self.exchange
+        if exchange is not None and not exchange.body_done:
+            return False  # the app reads the body itself, at its own pace
+        # Enough pipelined bytes queued: wait until they are served.
+        return (
+            self.buffered_body < self.server.config.max_body_buffer and len(self.parser.events) < 64
+        )
+
+    def on_readable(self) -> None:
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.abort()
+            return
+        if not data:
+            self.abort()  # the client left (or half-closed: nothing more to read)
+            return
+        self.received(data)
+
+    def recv_for_body(self) -> bytes | None:
+        """The one ``recv`` of a body read; None if nothing is there yet."""
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            self.lost()
+            return b""
+        if not data:
+            self.lost()
+            return b""
+        try:
+            self._feed(data)
+        except ProtocolError:
+            self.closing = True
+            raise
+        return data
+
+    def _feed(self, data: bytes) -> None:
+        parser = self.parser
+        before = len(parser.events)
+        parser.feed(data)
+        events = parser.events
+        for index in range(before, len(events)):
+            event = events[index]
+            if event.__class__ is bytes:
+                self.buffered_body += len(event)  # type: ignore[arg-type,unused-ignore]
+
+    def received(self, data: bytes) -> None:
+        if self.exchange is None and self.deadline is not None and not self.parser_mid_head():
+            # First bytes of a new request: the header timeout starts now.
+            self.deadline = time.monotonic() + self.server.config.header_timeout
+        try:
+            self._feed(data)
+        except ProtocolError as error:
+            self.protocol_error(error)
+            return
+        self.process()
+
+    def parser_mid_head(self) -> bool:
+        return self.parser._head_bytes > 0
+
+    def protocol_error(self, error: ProtocolError) -> None:
+        log.info("rejected request from %s: %s", self.peer, error)
+        if self.exchange is not None and self.exchange.headers_sent:
+            self.abort()
+            return
+        self.closing = True
+        self._set_reading(False)
+        self.write(error_response(error.status, error.reason, self.server.config.server_header))
+        self.close_after_flush()
+
+    def process(self) -> None:
+        """Serve queued requests, in order, while nothing is in progress."""
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            events = self.parser.events
+            while not self.closed and not self.closing:
+                exchange = self.exchange
+                if exchange is not None:
+                    break
+                if not events:
+                    if self.parser.stopped:
+                        self.close_after_flush()
+                    break
+                event = events.popleft()
+                if isinstance(event, RequestHead):
+                    self.deadline = None
+                    self.exchange = Exchange(self, event)
+                    self.exchange.run(self.server.app)
+                elif event.__class__ is bytes:
+                    self.buffered_body -= len(event)  # type: ignore[arg-type,unused-ignore]
+                # END of a drained body: nothing to do
+        finally:
+            self._processing = False
+        self._set_reading(self._want_reading())
+
+    def body_finished(self) -> None:
+        """The app read the whole body: the connection may read again."""
+        if not self._processing:
+            self._set_reading(self._want_reading())
+
+    def exchange_finished(self, exchange: Exchange) -> None:
+        if self.exchange is not exchange:
+            return
+        self.exchange = None
+        if self.closed:
+            return
+        if not exchange.body_done:
+            # Unread body: discard it on the way to the next request, as
+            # long as there is little of it; otherwise close.
+            length = exchange.head.content_length
+            if not exchange.keep_alive or (
+                length is not None and length > self.server.config.max_drain
+            ):
+                self.close_after_flush()
+                return
+            self._drain()
+            if self.closed or self.closing:
+                return
+        if self.closing:
+            return
+        if not self.parser.events:
+            self.deadline = time.monotonic() + self.server.config.keepalive_timeout
+        self.process()
+
+    def _drain(self) -> None:
+        events = self.parser.events
+        while events:
+            event = events.popleft()
+            if event is END:
+                return
+            if event.__class__ is bytes:
+                self.buffered_body -= len(event)  # type: ignore[arg-type,unused-ignore]
+        # The rest of the body has not arrived yet: process() discards it as
+        # it comes (body events with no exchange); a deadline bounds the wait.
+        self.deadline = time.monotonic() + self.server.config.header_timeout
+
+    # -- writing ---------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if self.out:
+            self.out += data
+            return
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self.lost()
+            return
+        if sent < len(data):
+            self.out += data[sent:]
+            self._set_writing(True)
+
+    def _set_writing(self, on: bool) -> None:
+        if on != self.writing and not self.closed:
+            self.writing = on
+            self.server.loop.add_handler(self.fd, True, self.on_writable if on else None)
+
+    def on_writable(self) -> None:
+        out = self.out
+        try:
+            sent = self.sock.send(out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.lost()
+            return
+        del out[:sent]
+        if out:
+            if len(out) < self.server.config.write_buffer_high // 2:
+                self._resume_app()
+            return
+        self._set_writing(False)
+        if self.closing:
+            self.close()
+            return
+        self._resume_app()
+
+    def _resume_app(self) -> None:
+        exchange = self.exchange
+        if exchange is not None and exchange.task is not None:
+            exchange.task.resume_output()
+
+    # -- closing ---------------------------------------------------------------
+    def close_after_flush(self) -> None:
+        self.closing = True
+        self._set_reading(False)
+        if not self.out:
+            self.close()
+
+    def lost(self) -> None:
+        """The peer is gone (reset, EOF while reading the body)."""
+        self.abort()
+
+    def abort(self) -> None:
+        """Close now, dropping unsent output, and close a running app."""
+        self.out.clear()
+        self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.reading = self.writing = False
+        self.server.loop.forget(self.fd)
+        exchange, self.exchange = self.exchange, None
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        self.server.connection_closed(self)
+        if exchange is not None and exchange.task is not None and not exchange.task.done:
+            exchange.task.close()  # the app iterable is closed promptly
+
+    def check_deadline(self, now: float) -> None:
+        deadline = self.deadline
+        if deadline is None or now < deadline or self.closed:
+            return
+        if self.parser_mid_head():
+            self.protocol_error(ProtocolError(408, "request head not received in time"))
+        else:
+            self.close()  # an idle keep-alive connection, or a drain that stalled
+
+
+class Server:
+    """The bundled HTTP/1.1 server. Embed with :func:`serve` or use directly.
+
+    .. code-block:: python
+
+        server = Server(app, Config(port=0))
+        server.bind()
+        print(server.url)
+        server.serve()          # until SIGINT/SIGTERM or server.stop()
+    """
+
+    def __init__(self, app: WSGIApp, config: Config | None = None) -> None:
+        self.app = app
+        self.config = config or Config()
+        self.loop = Loop()
+        self.clock = _Clock()
+        self.connections: set[Connection] = set()
+        self.listeners: list[socket.socket] = []
+        self.stopping = False
+        self.accepting = False
+        self.base_environ: dict[str, Any] = {}
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._stop_requested = False
+        self._ready = threading.Event()
+
+    # -- setting up --------------------------------------------------------------
+    def bind(self) -> None:
+        config = self.config
+        if config.uds is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(config.uds)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(config.uds)
+            self.listeners.append(sock)
+        else:
+            infos = socket.getaddrinfo(
+                config.host, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
+            family, kind, proto, _, address = infos[0]
+            sock = socket.socket(family, kind, proto)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            self.listeners.append(sock)
+        for sock in self.listeners:
+            sock.listen(config.backlog)
+            sock.setblocking(False)
+        self.base_environ = self._base_environ()
+        _raise_fd_limit(config.max_connections + 64)
+
+    def _base_environ(self) -> dict[str, Any]:
+        address = self.address
+        if isinstance(address, tuple):
+            name, port = str(address[0]), str(address[1])
+        else:
+            name, port = "localhost", "0"
+        return {
+            "SERVER_NAME": name,
+            "SERVER_PORT": port,
+            "SCRIPT_NAME": "",
+            "wsgi.version": (1, 0),
+            "wsgi.url_scheme": "http",
+            "wsgi.errors": sys.stderr,
+            "wsgi.multithread": False,
+            "wsgi.multiprocess": False,
+            "wsgi.run_once": False,
+            "wsgi.input_terminated": True,
+        }
+
+    @property
+    def address(self) -> Any:
+        return self.listeners[0].getsockname() if self.listeners else None
+
+    @property
+    def url(self) -> str:
+        address = self.address
+        if not isinstance(address, tuple):
+            return f"unix:{address}"
+        host = address[0]
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{address[1]}"
+
+    # -- running -----------------------------------------------------------------
+    def serve(self) -> None:
+        """Run until :meth:`stop`, SIGINT or SIGTERM; then shut down gracefully."""
+        if not self.listeners:
+            self.bind()
+        loop = self.loop
+        previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                previous[int(signum)] = signal.signal(signum, self._on_signal)
+        try:
+            loop.add_handler(self._wake_r.fileno(), False, self._on_wake)
+            self._start_accepting()
+            log.info("Listening on %s", self.url)
+            self._ready.set()
+            next_sweep = time.monotonic() + DEADLINE_SWEEP
+            while not self._stop_requested:
+                loop.run_once(DEADLINE_SWEEP)
+                now = time.monotonic()
+                if now >= next_sweep:
+                    next_sweep = now + DEADLINE_SWEEP
+                    for conn in list(self.connections):
+                        conn.check_deadline(now)
+            self._shutdown()
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+            self._close_everything()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        log.info("Received %s, shutting down", signal.Signals(signum).name)
+        self.stop()
+
+    def stop(self) -> None:
+        """Ask the server to shut down gracefully; safe from any thread."""
+        self._stop_requested = True
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+
+    def _on_wake(self) -> None:
+        with contextlib.suppress(OSError):
+            self._wake_r.recv(4096)
+
+    def wait_ready(self, timeout: float) -> bool:
+        return self._ready.wait(timeout)
+
+    def _start_accepting(self) -> None:
+        if not self.accepting and not self.stopping:
+            self.accepting = True
+            for sock in self.listeners:
+                self.loop.add_handler(sock.fileno(), False, self._make_acceptor(sock))
+
+    def _stop_accepting(self) -> None:
+        if self.accepting:
+            self.accepting = False
+            for sock in self.listeners:
+                self.loop.add_handler(sock.fileno(), False, None)
+
+    def _make_acceptor(self, listener: socket.socket) -> Callable[[], None]:
+        config = self.config
+        nodelay = config.tcp_nodelay and listener.family in (socket.AF_INET, socket.AF_INET6)
+
+        def accept() -> None:
+            for _ in range(ACCEPT_BATCH):
+                if len(self.connections) >= config.max_connections:
+                    log.warning(
+                        "max_connections (%d) reached: not accepting for now",
+                        config.max_connections,
+                    )
+                    self._stop_accepting()
+                    return
+                try:
+                    sock, peer = listener.accept()
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as error:
+                    if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        log.error("accept failed (%s): not accepting for now", error)
+                        self._stop_accepting()
+                        self.loop.call_later(0.5, self._start_accepting)
+                        return
+                    continue  # ECONNABORTED and the like: that client is gone
+                sock.setblocking(False)
+                if nodelay:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self.connections.add(Connection(self, sock, peer))
+
+        return accept
+
+    def connection_closed(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        if (
+            not self.accepting
+            and not self.stopping
+            and len(self.connections) < self.config.max_connections
+        ):
+            self._start_accepting()
+
+    def _shutdown(self) -> None:
+        """Stop accepting, let in-flight requests finish, then close the rest."""
+        self.stopping = True
+        self._stop_accepting()
+        for sock in self.listeners:
+            self.loop.forget(sock.fileno())
+            sock.close()
+        deadline = time.monotonic() + self.config.shutdown_grace
+        for conn in list(self.connections):
+            if conn.exchange is None and not conn.parser.events:
+                conn.close_after_flush()  # idle: close now
+            elif conn.exchange is not None:
+                conn.exchange.keep_alive = False
+        while self.connections and time.monotonic() < deadline:
+            self.loop.run_once(min(0.1, max(0.0, deadline - time.monotonic())))
+            for conn in list(self.connections):
+                if conn.exchange is None and not conn.out:
+                    conn.close()
+        for conn in list(self.connections):
+            conn.abort()
+        log.info("Server stopped")
+
+    def _close_everything(self) -> None:
+        for conn in list(self.connections):
+            conn.abort()
+        for sock in self.listeners:
+            with contextlib.suppress(OSError):
+                sock.close()
+        if self.config.uds is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.config.uds)
+        self._wake_r.close()
+        self._wake_w.close()
+        self.loop.close()
+
+
+def _raise_fd_limit(wanted: int) -> None:
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def serve(app: WSGIApp, host: str = "127.0.0.1", port: int = 8000, **settings: Any) -> None:
+    """Serve ``app`` until SIGINT/SIGTERM, then shut down gracefully.
+
+    Every :class:`~asyncapp.config.Config` field is a keyword argument.
+
+    .. code-block:: python
+
+        import asyncapp
+        asyncapp.serve(app, port=8080, keepalive_timeout=15, max_body_size=10 << 20)
+    """
+    config = Config(host=host, port=port).replace(**settings)
+    Server(app, config).serve()
