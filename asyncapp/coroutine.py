@@ -137,6 +137,17 @@ class Driver(StepDriver):
         except StopAsyncIteration:
             self._aw = None
             raise StopIteration from None
+        except BaseException as error:
+            self._aw = None  # finished: close() must not throw into it again
+            if isinstance(error, RuntimeError) and str(error) == "no running event loop":
+                # asyncio.sleep() and friends ask for their loop before yielding.
+                raise UsageError(
+                    f"{self._name} awaited asyncio code, which found no running event "
+                    "loop; an asyncapp app waits with 'await asyncapp.sleep(...)' or "
+                    "'await asyncapp.read(...)': other event loops' awaitables (asyncio, "
+                    "trio) cannot run on a WSGI host"
+                ) from error
+            raise
         if not isinstance(out, Op):
             self.close()
             raise _bad_yield(self._name, out)

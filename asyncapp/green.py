@@ -173,10 +173,12 @@ class GreenDriver(StepDriver):
         finally:
             child, self._child = self._child, None
             if child is not None and child:
-                for _ in range(_CLOSE_ATTEMPTS):
+                for attempt in range(_CLOSE_ATTEMPTS):
                     child.parent = greenlet.getcurrent()
                     child.throw(greenlet.GreenletExit)
                     if child.dead:
+                        if attempt:  # it waited (or yielded) once more before dying
+                            raise RuntimeError(f"{self._name} waited while being closed")
                         break
                 else:
                     raise RuntimeError(f"{self._name} kept waiting while being closed")
@@ -211,6 +213,8 @@ def read(environ: Environ, size: int, timeout: float | None = None) -> bytes:
     if isinstance(inp, GreenInput):
         if not isinstance(size, int) or size <= 0:
             raise UsageError(f"read size must be a positive int, not {size!r}")
+        if timeout is not None and not timeout >= 0:
+            raise UsageError(f"timeout must be None or >= 0 seconds, not {timeout!r}")
         return inp.read1_with_timeout(size, timeout)
     data: bytes = _suspend(Read(environ, size, timeout), "read")
     return data

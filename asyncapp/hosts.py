@@ -60,6 +60,9 @@ _STREAM_KEY: Final = "asyncapp.body_stream"
 #: wait with a blocking poll instead of spinning.
 _MAX_SPURIOUS_RESUMES: Final = 2
 
+#: A resume this soon after the yield cannot have been a real wait.
+_INSTANT_RESUME: Final = 0.0005
+
 
 def host_kind(environ: Environ) -> HostKind:
     """Which of the three hosts this environ belongs to."""
@@ -123,9 +126,10 @@ def _resolve(environ: Environ, fd: Any) -> Any:
     """Map what the app waits on to what the host can wait on.
 
     The request's own input is special: on an ``x-wsgiorg.async`` host it
-    becomes the host's non-blocking reader; anywhere else a file-like input
-    without a usable ``fileno`` is reported ready at once (the following
-    blocking read is correct, just not concurrent).
+    becomes the host's non-blocking reader; anywhere else it is reported
+    ready at once (the following blocking read is correct, just not
+    concurrent). Its ``fileno`` is no guide there: fdevent hosts pre-read the
+    body, and wsgiref buffers it, so the socket may never become readable.
     """
     if isinstance(fd, int):
         return fd
@@ -144,11 +148,7 @@ def _resolve(environ: Environ, fd: Any) -> Any:
         reader = environ[ASYNC_INPUT](fd)
         if reader is not None:
             return reader
-    try:
-        fd.fileno()
-    except (AttributeError, OSError, ValueError):
-        return _READY_NOW
-    return fd
+    return _READY_NOW
 
 
 def wait(environ: Environ, fd: FdLike, write: bool, timeout: float | None) -> Steps:
@@ -223,21 +223,33 @@ def _fdevent_wait(environ: Environ, fd: int, write: bool, timeout: float | None)
         while True:
             seconds = _fdevent_timeout(environ, _remaining(deadline))
             try:
-                token = register(private, seconds)
+                # No timeout: leave the argument out (uWSGI takes no None).
+                token = register(private) if seconds is None else register(private, seconds)
             except TypeError:
                 if seconds is None or isinstance(seconds, int):
                     raise
                 # An fdevent host that, like uWSGI, takes whole seconds only.
                 token = register(private, max(1, math.ceil(seconds)))
+            except OSError:
+                if not spurious:
+                    raise
+                # uWSGI still holds the registration whose b"" a draining
+                # middleware swallowed (EEXIST): finish the wait blocking.
+                return poll(private, write, _remaining(deadline))
+            started = time.monotonic()
             yield token if isinstance(token, bytes) else b""
             if poll(private, write, 0):
                 return True
             left = _remaining(deadline)
             if left is not None and (left <= 0.001 or _timeout_flagged(environ)):
                 return False
-            spurious += 1
-            if spurious >= _MAX_SPURIOUS_RESUMES:
-                return poll(private, write, left)
+            # Not ready, not timed out. Back at once: the b"" never reached
+            # the host (4.6). After a real wait: another waiter on the same
+            # fd took the data first; wait again without counting.
+            if time.monotonic() - started < _INSTANT_RESUME:
+                spurious += 1
+                if spurious >= _MAX_SPURIOUS_RESUMES:
+                    return poll(private, write, left)
     finally:
         os.close(private)
 
@@ -312,6 +324,8 @@ def read(environ: Environ, size: int, timeout: float | None, inp: Any = None) ->
     """Read like ``socket.recv`` from the body the app holds."""
     if not isinstance(size, int) or size <= 0:
         raise UsageError(f"read size must be a positive int, not {size!r}")
+    if timeout is not None and not timeout >= 0:
+        raise UsageError(f"timeout must be None or >= 0 seconds, not {timeout!r}")
     if inp is None:
         inp = environ["wsgi.input"]
     inp = _unwrap_green(inp)

@@ -147,6 +147,7 @@ class RequestParser:
         self._header_count = 0
         self._body_bytes = 0
         self._hosts = 0
+        self._fields_bytes = 0
 
     # -- the one entry point ------------------------------------------------
     def feed(self, data: bytes) -> None:
@@ -170,6 +171,8 @@ class RequestParser:
         except httptools.HttpParserInvalidURLError as error:
             raise ProtocolError(400, f"invalid request target: {error}") from None
         except httptools.HttpParserError as error:
+            if self.stopped:
+                return  # bytes after a request that closes the connection: ignored
             raise ProtocolError(400, str(error) or "malformed request") from None
         if self._in_head and self._head_bytes > self.config.max_head_size:
             raise ProtocolError(431, "request header section too large")
@@ -182,6 +185,7 @@ class RequestParser:
         self._header_count = 0
         self._body_bytes = 0
         self._hosts = 0
+        self._fields_bytes = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -200,6 +204,10 @@ class RequestParser:
             raise ProtocolError(431, "too many header fields")
         if len(name) + len(value) > self.config.max_header_size:
             raise ProtocolError(431, "header field too large")
+        # The head's size, counted exactly: feed() sees only whole recvs.
+        self._fields_bytes += len(name) + len(value) + 4  # ": " and CRLF
+        if self._fields_bytes + len(self._url) > self.config.max_head_size:
+            raise ProtocolError(431, "request header section too large")
         if b"_" in name:
             return  # see the module docstring
         lname = name.lower()
@@ -224,6 +232,8 @@ class RequestParser:
             else:
                 raise ProtocolError(505, f"HTTP/{version} is not supported")
         head.version = version
+        if version == "1.1" and not self._hosts:
+            raise ProtocolError(400, "an HTTP/1.1 request needs a Host header")  # RFC 9112 3.2
         head.method = parser.get_method().decode("ascii")
         head.keep_alive = parser.should_keep_alive()
         head.target = url = self._url
@@ -274,13 +284,17 @@ class RequestParser:
         self._in_head = True
         self._head_bytes = 0
         self.events.append(END)
+        if self._head is not None and not self._head.keep_alive:
+            # No request after this one is processed (RFC 9112 9.6); llhttp
+            # reports any byte that follows as an error, ignored in feed().
+            self.stopped = True
 
 
 # -- responses ----------------------------------------------------------------
 
 _TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-_BAD_VALUE: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-_STATUS: Final = re.compile(r"[1-9][0-9][0-9] [^\x00-\x08\x0a-\x1f\x7f]*\Z")
+_BAD_VALUE: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\u0100-\U0010ffff]")
+_STATUS: Final = re.compile(r"[1-9][0-9][0-9] [^\x00-\x08\x0a-\x1f\x7f\u0100-\U0010ffff]*\Z")
 
 #: Connection-level headers the server owns (PEP 3333 forbids apps to send
 #: them); an app's ``Connection: close`` is honoured, the rest are dropped.

@@ -62,18 +62,25 @@ _EVENT_WRITE: Final = selectors.EVENT_WRITE
 class Timer:
     """A callback due at a monotonic time; cancelled lazily in the heap."""
 
-    __slots__ = ("callback", "cancelled", "when")
+    __slots__ = ("callback", "cancelled", "seq", "when")
 
-    def __init__(self, when: float, callback: Callable[[], None]) -> None:
+    def __init__(self, when: float, callback: Callable[[], None], seq: int = 0) -> None:
         self.when = when
         self.callback = callback
         self.cancelled = False
+        self.seq = seq  # breaks ties: equal deadlines run in scheduling order
 
     def cancel(self) -> None:
         self.cancelled = True
+        # It stays in the heap until it comes up: keep nothing alive meanwhile.
+        self.callback = _nothing
 
     def __lt__(self, other: Timer) -> bool:
-        return self.when < other.when
+        return (self.when, self.seq) < (other.when, other.seq)
+
+
+def _nothing() -> None:
+    pass
 
 
 class Watch:
@@ -127,7 +134,7 @@ class Loop:
         self._ready.append(callback)
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
-        timer = Timer(time.monotonic() + delay, callback)
+        timer = Timer(time.monotonic() + delay, callback, next(self._seq))
         heapq.heappush(self._timers, timer)
         return timer
 
@@ -143,8 +150,13 @@ class Loop:
             old_mask = 0
         else:
             old_mask = entry.mask()
-            if entry.identity is None:
+            if entry.identity is None or not (entry.readers or entry.writers):
                 entry.identity = _identity(fd)
+            elif entry.identity != _identity(fd):  # EBADF at once if closed
+                # Closed and its number reused before the sweep noticed: fail
+                # the old waiters now rather than the new one later.
+                self._sweep()
+                return self.watch(fd, write, callback)
         w = Watch(fd, write, callback)
         (entry.writers if write else entry.readers).append(w)
         new_mask = entry.mask()
@@ -405,6 +417,11 @@ class AppTask:
                 raise OSError(errno.EEXIST, "uWSGI: fd already registered")
         if fd is None:
             raise TypeError("x-wsgiorg.fdevent needs a file descriptor")
+        if self._handle is not None and self._handle.status == "pending":
+            # fdevent gives the app nothing to cancel with: a new registration
+            # means the b"" for the pending one never reached us (middleware
+            # drained the iterable, docs/protocol.md 4.6), so it replaces it.
+            self._handle.cancel()
         self._wait(fd, write, timeout)
 
     def _wait(self, fd: Any, write: bool, timeout: float | None) -> WaitHandle:
@@ -413,18 +430,23 @@ class AppTask:
                 "a second wait was requested before the app yielded b'' for the "
                 "first; call readable/writable once, then yield"
             )
+        if fd is None and timeout is None:
+            raise UsageError("a wait needs a fd, a timeout, or both")
+        fileno: int | None = None
+        if fd is not None and not (fd is self.reader and self.reader is not None):
+            # Before any state changes: a closed file raises here, cleanly.
+            fileno = fd if isinstance(fd, int) else fd.fileno()
         handle = WaitHandle(self._cancel)
         self._handle = handle
         if timeout is not None:
             self._timer = self.loop.call_later(max(0.0, timeout), self._on_timeout)
         if fd is None:
-            if timeout is None:
-                raise UsageError("a wait needs a fd, a timeout, or both")
             return handle
         if fd is self.reader and self.reader is not None and self.reader.ready_now():
             self.loop.call_soon(lambda: self._decide("ready", None))
             return handle
-        fileno = fd if isinstance(fd, int) else fd.fileno()
+        if fileno is None:
+            fileno = fd if isinstance(fd, int) else fd.fileno()
         try:
             self._watch = self.loop.watch(fileno, write, self._on_ready)
         except OSError as error:

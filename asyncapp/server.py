@@ -315,10 +315,18 @@ class Exchange:
             # The common `return [body]`: its length is known, so it goes
             # out with a Content-Length in one send, with no task at all.
             task.done = True
-            self.send_body(result[0], whole=True)  # type: ignore[index,unused-ignore]
+            try:
+                self.send_body(result[0], whole=True)  # type: ignore[index,unused-ignore]
+            except Exception as error:  # [str], bad headers: a 500, not a dead loop
+                self.app_done(error)
+                return
             self.app_done(None)
             return
-        task.iterable = iter(result)
+        try:
+            task.iterable = iter(result)
+        except Exception as error:  # None, an int: not an iterable
+            self.app_done(error)
+            return
         task.step()
 
     def start_response(
@@ -517,6 +525,7 @@ class Connection:
         "closed",
         "closing",
         "deadline",
+        "drain_left",
         "exchange",
         "fd",
         "out",
@@ -541,6 +550,7 @@ class Connection:
         self.reading = False
         self.writing = False
         self.buffered_body = 0
+        self.drain_left = 0
         self._processing = False
         self.deadline: float | None = time.monotonic() + server.config.header_timeout
         environ = server.base_environ.copy()
@@ -649,6 +659,10 @@ class Connection:
                 if not events:
                     if self.parser.stopped:
                         self.close_after_flush()
+                    elif self.deadline is None:
+                        # Idle after a response (a bodyless request's END was
+                        # still queued when exchange_finished looked).
+                        self.deadline = time.monotonic() + self.server.config.keepalive_timeout
                     break
                 event = events.popleft()
                 if isinstance(event, RequestHead):
@@ -657,6 +671,9 @@ class Connection:
                     self.exchange.run(self.server.app)
                 elif event.__class__ is bytes:
                     self.buffered_body -= len(event)  # type: ignore[arg-type,unused-ignore]
+                    self.drain_left -= len(event)  # type: ignore[arg-type,unused-ignore]
+                    if self.drain_left < 0:
+                        self.close_after_flush()  # a chunked body larger than max_drain
                 # END of a drained body: nothing to do
         finally:
             self._processing = False
@@ -682,6 +699,7 @@ class Connection:
             ):
                 self.close_after_flush()
                 return
+            self.drain_left = self.server.config.max_drain
             self._drain()
             if self.closed or self.closing:
                 return
@@ -699,6 +717,10 @@ class Connection:
                 return
             if event.__class__ is bytes:
                 self.buffered_body -= len(event)  # type: ignore[arg-type,unused-ignore]
+                self.drain_left -= len(event)  # type: ignore[arg-type,unused-ignore]
+                if self.drain_left < 0:
+                    self.close_after_flush()
+                    return
         # The rest of the body has not arrived yet: process() discards it as
         # it comes (body events with no exchange); a deadline bounds the wait.
         self.deadline = time.monotonic() + self.server.config.header_timeout
@@ -760,6 +782,12 @@ class Connection:
 
     def lost(self) -> None:
         """The peer is gone (reset, EOF while reading the body)."""
+        exchange = self.exchange
+        if exchange is not None and exchange.task is not None and not exchange.task.done:
+            # Also called from inside the app's own read or write(): close
+            # the app from the loop, never from under its running frame.
+            self.exchange = None
+            self.server.loop.call_soon(exchange.task.close)
         self.abort()
 
     def abort(self) -> None:
@@ -783,6 +811,11 @@ class Connection:
     def check_deadline(self, now: float) -> None:
         deadline = self.deadline
         if deadline is None or now < deadline or self.closed:
+            return
+        if self.out:
+            # A response is still going out to a slow reader: the idle time
+            # starts once it has been sent, not while it is being sent.
+            self.deadline = now + self.server.config.keepalive_timeout
             return
         if self.parser_mid_head():
             self.protocol_error(ProtocolError(408, "request head not received in time"))

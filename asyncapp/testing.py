@@ -25,7 +25,6 @@ For werkzeug's test client, wrap the app with :func:`hosted`:
 from __future__ import annotations
 
 import contextlib
-import contextlib
 import io
 import socket
 import threading
