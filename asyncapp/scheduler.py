@@ -247,20 +247,36 @@ class Loop:
         entry = self._fds.get(fd)
         if entry is None:
             return
-        if entry.on_read is not None or entry.on_write is not None:
+        fired: list[Watch] = []
+        if entry.on_read is None and entry.on_write is None:
+            if events & _EVENT_READ and entry.readers:
+                fired = entry.readers
+                entry.readers = []
+            if events & _EVENT_WRITE and entry.writers:
+                fired = fired + entry.writers
+                entry.writers = []
+        else:
+            # A persistent handler may consume what made the fd ready and
+            # start an app that watches the same fd: only the watches that
+            # were there before this event are woken by it.
+            before: set[int] = set()
+            if events & _EVENT_READ:
+                before.update(map(id, entry.readers))
+            if events & _EVENT_WRITE:
+                before.update(map(id, entry.writers))
             if events & _EVENT_READ and entry.on_read is not None:
                 entry.on_read()
             if events & _EVENT_WRITE and entry.on_write is not None:
                 entry.on_write()
-            if not (entry.readers or entry.writers) or self._fds.get(fd) is not entry:
+            if not before or self._fds.get(fd) is not entry:
                 return
-        fired: list[Watch] = []
-        if events & _EVENT_READ and entry.readers:
-            fired += entry.readers
-            entry.readers = []
-        if events & _EVENT_WRITE and entry.writers:
-            fired += entry.writers
-            entry.writers = []
+            for name in ("readers", "writers"):
+                waiters: list[Watch] = getattr(entry, name)
+                if waiters:
+                    woken = [w for w in waiters if id(w) in before]
+                    if woken:
+                        fired += woken
+                        setattr(entry, name, [w for w in waiters if id(w) not in before])
         if not fired:
             return
         # Unregister before anyone runs: they may close the fd at once.

@@ -429,6 +429,9 @@ class Exchange:
                 )
                 data = data[:left]
                 self.keep_alive = False
+                # The response is complete: close (from the loop, not from
+                # under the app's frame), which also ends an endless app.
+                self.conn.server.loop.call_soon(self.conn.close_after_flush)
             self.length_left = left - len(data)
         self.bytes_sent += len(data)
         return chunk(data) if self.chunked else data
