@@ -384,6 +384,8 @@ class AppTask:
         self.on_chunk = on_chunk
         self.on_done = on_done
         self.iterable: Iterator[bytes] | None = None
+        #: What the app returned; PEP 3333 closes this, not ``iter()`` of it.
+        self.result: Iterable[bytes] | None = None
         self.done = False
         self.paused = False
         self._handle: WaitHandle | None = None
@@ -509,6 +511,7 @@ class AppTask:
 
     # -- running the app --------------------------------------------------
     def start(self, iterable: Iterable[bytes]) -> None:
+        self.result = iterable
         self.iterable = iter(iterable)
         self.loop.call_soon(self.step)
 
@@ -552,7 +555,7 @@ class AppTask:
         if self._handle is not None:
             self._handle.cancel()
         self._clear_wait()
-        close = getattr(self.iterable, "close", None)
+        close = getattr(self.result if self.result is not None else self.iterable, "close", None)
         if close is not None:
             try:
                 close()

@@ -323,6 +323,7 @@ class Exchange:
             self.app_done(None)
             return
         try:
+            task.result = result
             task.iterable = iter(result)
         except Exception as error:  # None, an int: not an iterable
             self.app_done(error)
