@@ -193,31 +193,32 @@ class RequestParser:
             raise ProtocolError(414, "request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        head = self._head
-        assert head is not None
         if not self._in_head:
             if name.lower() in _FORBIDDEN_TRAILERS:
                 raise ProtocolError(400, f"{name.decode('latin-1')} is not allowed as a trailer")
             return  # other trailers are accepted and not passed on
+        config = self.config
+        size = len(name) + len(value)
         self._header_count += 1
-        if self._header_count > self.config.max_header_count:
+        if self._header_count > config.max_header_count:
             raise ProtocolError(431, "too many header fields")
-        if len(name) + len(value) > self.config.max_header_size:
+        if size > config.max_header_size:
             raise ProtocolError(431, "header field too large")
         # The head's size, counted exactly: feed() sees only whole recvs.
-        self._fields_bytes += len(name) + len(value) + 4  # ": " and CRLF
-        if self._fields_bytes + len(self._url) > self.config.max_head_size:
+        self._fields_bytes += size + 4  # ": " and CRLF
+        if self._fields_bytes + len(self._url) > config.max_head_size:
             raise ProtocolError(431, "request header section too large")
         if b"_" in name:
             return  # see the module docstring
-        lname = name.lower()
-        if lname == b"host":
-            self._hosts += 1
-            if self._hosts > 1:
-                raise ProtocolError(400, "more than one Host header")
-        elif lname == b"expect" and value.strip().lower() == b"100-continue":
-            head.expect_continue = True
-        head.headers.append((name, value))
+        if name[0] in b"HhEe":  # only Host and Expect need a closer look
+            lname = name.lower()
+            if lname == b"host":
+                self._hosts += 1
+                if self._hosts > 1:
+                    raise ProtocolError(400, "more than one Host header")
+            elif lname == b"expect" and value.strip().lower() == b"100-continue":
+                self._head.expect_continue = True  # type: ignore[union-attr]
+        self._head.headers.append((name, value))  # type: ignore[union-attr]
 
     def on_headers_complete(self) -> None:
         head = self._head
@@ -243,6 +244,12 @@ class RequestParser:
             head.path = b"*"
         elif head.method == "CONNECT":
             raise ProtocolError(501, "CONNECT is not supported")
+        elif url[:1] == b"/" and url[:2] != b"//":
+            # origin-form, by far the commonest: llhttp has checked its
+            # characters, so splitting is all that is left to do.
+            path, _, query = url.partition(b"#")[0].partition(b"?")
+            head.path = path
+            head.query = query
         else:
             try:
                 parsed = httptools.parse_url(url)
@@ -313,16 +320,32 @@ HOP_BY_HOP: Final = frozenset(
 )
 
 
+#: Validated status lines and header names: an app sends the same few over
+#: and over, so each is checked by regex once (bounded, see _remember).
+_good_status: dict[str, int] = {}
+_good_names: set[str] = set()
+_CACHE_MAX: Final = 1024
+
+
 def check_status(status: str) -> int:
     """Validate a WSGI status string; return its code."""
+    code = _good_status.get(status)
+    if code is not None:
+        return code
     if not isinstance(status, str) or not _STATUS.match(status):
         raise ResponseError(f"invalid status {status!r}: want e.g. '200 OK'")
-    return int(status[:3])
+    code = int(status[:3])
+    if len(_good_status) < _CACHE_MAX:
+        _good_status[status] = code
+    return code
 
 
 def check_header(name: str, value: str) -> None:
-    if not isinstance(name, str) or not _TOKEN.match(name):
-        raise ResponseError(f"invalid header name {name!r}")
+    if name not in _good_names:
+        if not isinstance(name, str) or not _TOKEN.match(name):
+            raise ResponseError(f"invalid header name {name!r}")
+        if len(_good_names) < _CACHE_MAX:
+            _good_names.add(name)
     if not isinstance(value, str) or _BAD_VALUE.search(value):
         raise ResponseError(f"invalid value for header {name!r}: control characters or CR/LF")
 

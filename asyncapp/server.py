@@ -96,13 +96,29 @@ def error_response(status: int, message: str, server_header: str) -> bytes:
     return response_head("1.1", f"{status} {_reason(status)}", headers) + body
 
 
+#: Header name bytes -> environ key, for names seen before (bounded).
+_ENVIRON_KEYS: dict[bytes, str] = {}
+
+
+def _environ_key(name: bytes) -> str:
+    key = name.decode("latin-1").upper().replace("-", "_")
+    if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+        key = "HTTP_" + key
+    if len(_ENVIRON_KEYS) < 4096:
+        _ENVIRON_KEYS[name] = key
+    return key
+
+
 class _Clock:
     """The Date header and the access-log timestamp, formatted once a second."""
 
-    def __init__(self) -> None:
+    def __init__(self, server_header: str) -> None:
         self._second = -1
+        self._server = f"Server: {server_header}\r\n" if server_header else ""
         self.date = ""
         self.clf = ""
+        #: The fixed end of every response head: Date, Server, blank line.
+        self.trailer = ""
 
     def tick(self) -> None:
         now = time.time()
@@ -111,6 +127,7 @@ class _Clock:
             self._second = second
             self.date = formatdate(now, usegmt=True)
             self.clf = time.strftime("%d/%b/%Y:%H:%M:%S %z", time.localtime(now))
+            self.trailer = f"Date: {self.date}\r\n{self._server}\r\n"
 
 
 class BodyReader:
@@ -242,13 +259,12 @@ class Exchange:
         environ["QUERY_STRING"] = head.query.decode("latin-1")
         environ["RAW_URI"] = head.target.decode("latin-1")
         environ["SERVER_PROTOCOL"] = "HTTP/" + head.version
+        keys = _ENVIRON_KEYS
         for name, value in head.headers:
-            key = name.decode("latin-1").upper().replace("-", "_")
+            key = keys.get(name)
+            if key is None:
+                key = _environ_key(name)
             text = value.decode("latin-1")
-            if key == "CONTENT_TYPE" or key == "CONTENT_LENGTH":
-                environ[key] = text
-                continue
-            key = "HTTP_" + key
             if key in environ:
                 separator = "; " if key == "HTTP_COOKIE" else ","
                 environ[key] = environ[key] + separator + text
@@ -366,7 +382,7 @@ class Exchange:
         if self.status is None:
             raise ResponseError("the app sent body data before calling start_response()")
         code = self.status_code
-        headers: list[tuple[str, str]] = []
+        lines = [f"HTTP/{head.version} {self.status}\r\n"]
         length: int | None = None
         for name, value in self.headers:
             lname = name.lower()
@@ -379,17 +395,17 @@ class Exchange:
                     length = int(value)
                 except ValueError:
                     raise ResponseError(f"invalid Content-Length {value!r}") from None
-            headers.append((name, value))
+            lines.append(f"{name}: {value}\r\n")
         body_allowed = not (code < 200 or code in _NO_BODY_STATUS)
         if length is None and body_allowed:
             if whole:
                 length = len(first)
                 if not self.is_head or first:
-                    headers.append(("Content-Length", str(length)))
+                    lines.append(f"Content-Length: {length}\r\n")
             elif head.version == "1.1":
                 self.chunked = not self.is_head
                 if self.chunked:
-                    headers.append(("Transfer-Encoding", "chunked"))
+                    lines.append("Transfer-Encoding: chunked\r\n")
             else:
                 self.keep_alive = False
         if length is not None and not self.is_head and body_allowed:
@@ -404,16 +420,14 @@ class Exchange:
             # will never come, or sending one we would have to drain blind.
             self.keep_alive = False
         if not self.keep_alive:
-            headers.append(("Connection", "close"))
+            lines.append("Connection: close\r\n")
         elif head.version == "1.0":
-            headers.append(("Connection", "keep-alive"))
+            lines.append("Connection: keep-alive\r\n")
         clock = server.clock
         clock.tick()
-        headers.append(("Date", clock.date))
-        if server.config.server_header:
-            headers.append(("Server", server.config.server_header))
+        lines.append(clock.trailer)  # Date and Server, then the blank line
         self.headers_sent = True
-        return response_head(head.version, self.status, headers) + self._frame(first)
+        return "".join(lines).encode("latin-1") + self._frame(first)
 
     def _frame(self, data: bytes) -> bytes:
         if not data or self.is_head or self.status_code in _NO_BODY_STATUS:
@@ -842,7 +856,7 @@ class Server:
         self.app = app
         self.config = config or Config()
         self.loop = Loop()
-        self.clock = _Clock()
+        self.clock = _Clock(self.config.server_header)
         self.connections: set[Connection] = set()
         self.listeners: list[socket.socket] = []
         self.stopping = False
