@@ -22,6 +22,8 @@ greenlet form, :mod:`asyncapp.green` gives plain calls that suspend.
 
 from __future__ import annotations
 
+from typing import Any
+
 from . import green, protocol
 from .coroutine import coroutine
 from .errors import AsyncappError, Timeout, UsageError
@@ -29,6 +31,22 @@ from .hosts import host_kind
 from .ops import Op, read, readable, sleep, writable
 
 __version__ = "0.1.0"
+
+
+def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, **settings: Any) -> None:
+    """Serve ``app`` with the bundled server until SIGINT or SIGTERM.
+
+    Every field of :class:`asyncapp.config.Config` (limits, timeouts,
+    ``access_log``, ``uds``...) is a keyword argument; see ``docs/server.md``.
+
+    .. code-block:: python
+
+        import asyncapp
+        asyncapp.serve(app, port=8080, keepalive_timeout=15, max_body_size=10 << 20)
+    """
+    from .server import serve as _serve
+
+    _serve(app, host, port, **settings)
 
 __all__ = [
     "AsyncappError",
@@ -42,6 +60,7 @@ __all__ = [
     "protocol",
     "read",
     "readable",
+    "serve",
     "sleep",
     "writable",
 ]
