@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import green, protocol
+from .channel import Channel, CursorExpired, Event, Message
 from .coroutine import coroutine
 from .errors import AsyncappError, Timeout, UsageError
 from .hosts import host_kind
@@ -48,8 +49,13 @@ def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, **settings: Any) 
 
     _serve(app, host, port, **settings)
 
+
 __all__ = [
     "AsyncappError",
+    "Channel",
+    "CursorExpired",
+    "Event",
+    "Message",
     "Op",
     "Timeout",
     "UsageError",

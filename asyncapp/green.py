@@ -29,7 +29,7 @@ import contextvars
 import functools
 import io
 from collections.abc import Callable, Iterable
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import greenlet
 
@@ -39,8 +39,9 @@ from .hosts import host_kind
 from .ops import Op, Read, Readable, Sleep, Writable
 from .protocol import FdLike
 
-__all__ = ["GreenInput", "app", "read", "readable", "sleep", "writable"]
+__all__ = ["GreenInput", "app", "read", "readable", "run", "sleep", "writable"]
 
+T = TypeVar("T")
 Environ = dict[str, Any]
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
@@ -235,3 +236,18 @@ def writable(environ: Environ, fd: FdLike, timeout: float | None = None) -> bool
 def sleep(environ: Environ, seconds: float) -> None:
     """Like :func:`asyncapp.sleep`, as a plain call that suspends."""
     _suspend(Sleep(environ, seconds), "sleep")
+
+
+def run(op: Op[T]) -> T:
+    """Carry out any asyncapp operation as a plain call that suspends.
+
+    For operations beyond the four basic ones, e.g. a channel wait:
+
+    .. code-block:: python
+
+        messages = green.run(chat.wait(environ, cursor, timeout=30))
+    """
+    if not isinstance(op, Op):
+        raise UsageError(f"green.run() takes an asyncapp operation, not {type(op).__name__}")
+    result: T = _suspend(op, "run")
+    return result
