@@ -41,4 +41,5 @@ def test_operation_docstrings_show_usage() -> None:
 def test_green_module_api() -> None:
     from asyncapp import green
 
-    assert set(green.__all__) == {"GreenInput", "app", "read", "readable", "run", "sleep", "writable"}
+    expected = {"GreenInput", "app", "read", "readable", "run", "sleep", "writable"}
+    assert set(green.__all__) == expected
