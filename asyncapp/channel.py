@@ -311,17 +311,25 @@ class Channel:
 
 
 class _EventWait(_WaitOp[bool]):
-    __slots__ = ("event",)
+    __slots__ = ("event", "sets")
 
     def __init__(self, event: Event, environ: Environ, timeout: float | None) -> None:
         super().__init__(environ, timeout)
         self.event = event
+        self.sets = 0
 
     def _signal(self) -> _Signal:
         return self.event._signal
 
+    def perform(self) -> Generator[bytes, None, bool]:
+        # A set() from now on releases this wait, even if clear() comes
+        # before the host resumes it (as with threading.Event).
+        self.sets = self.event._sets
+        return (yield from super().perform())
+
     def _check(self) -> tuple[bool, bool]:
-        return self.event._flag, self.event._flag
+        done = self.event._flag or self.event._sets != self.sets
+        return done, done
 
     def _timed_out(self) -> bool:
         return False
@@ -345,6 +353,7 @@ class Event:
     def __init__(self) -> None:
         self._signal = _Signal()
         self._flag = False
+        self._sets = 0  # how many times set() raised the flag
 
     def is_set(self) -> bool:
         return self._flag
@@ -354,6 +363,7 @@ class Event:
         with self._signal.lock:
             if not self._flag:
                 self._flag = True
+                self._sets += 1
                 self._signal.fire()
 
     def clear(self) -> None:
