@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import green, protocol
+from . import green, protocol, sse, web
 from .channel import Channel, CursorExpired, Event, Message
 from .coroutine import coroutine
 from .errors import AsyncappError, Timeout, UsageError
@@ -68,5 +68,7 @@ __all__ = [
     "readable",
     "serve",
     "sleep",
+    "sse",
+    "web",
     "writable",
 ]

@@ -1,19 +1,25 @@
 """Small asyncapp apps, each a module exposing a WSGI ``app``.
 
-=================  ============================================================
-``hello``          the smallest asyncapp app
-``echo``           streams the request body back (generator, ``yield from``)
-``clock``          a finite stream of ticks (``async def``, ``await``)
-``green_flask``    a Flask view that waits with plain calls (``@green.app``)
-=================  ============================================================
+==================  ===========================================================
+``hello``           the smallest asyncapp app (generator, ``yield from``)
+``echo``            streams the request body back as it arrives (generator)
+``chat``            a long-polling chat room on a Channel (``async def``);
+                    the main demo
+``clock``           server-sent events ticking every second (``async def``)
+``proxy``           a gateway to a loopback TCP service on a non-blocking
+                    socket (generator)
+``green_flask``     a Flask view that waits with plain calls (``@green.app``)
+``flask_longpoll``  long polling and SSE in an unmodified Flask app
+                    (``@green.app``, ``green.run``)
+==================  ===========================================================
 
-Run any of them with ``python -m examples.NAME [--port PORT]`` from the
-project root: :func:`serve` puts it on wsgiref at 127.0.0.1, the blocking
-fallback. To see the waits run non-blocking, serve it with uWSGI's async
-mode instead, for example::
+Serve any of them with the bundled server from the project root::
 
-    uwsgi --http-socket 127.0.0.1:8000 --async 100 --ugreen \\
-          --post-buffering 65536 --module examples.clock:app
+    asyncapp serve examples.NAME:app          # http://127.0.0.1:8000/
+
+``python -m examples.NAME [--port PORT]`` serves one with wsgiref instead
+(:func:`serve`), the blocking fallback: the same code, each wait blocking
+its request. ``docs/examples.md`` walks through them all.
 """
 
 from __future__ import annotations

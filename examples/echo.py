@@ -10,7 +10,7 @@ client it is incomplete.
 
 Run it, then send it something::
 
-    python -m examples.echo --port 8000
+    asyncapp serve examples.echo:app
     curl --data-binary @some-file http://127.0.0.1:8000/
 """
 

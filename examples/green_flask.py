@@ -9,7 +9,7 @@ except the one ``green.sleep`` call. (uWSGI pre-reads the body with
 
 Needs Flask (``pip install flask``). Run it, then post to it::
 
-    python -m examples.green_flask --port 8000
+    asyncapp serve examples.green_flask:app
     curl --data 'hello' http://127.0.0.1:8000/
 """
 

@@ -4,10 +4,10 @@
 ``yield from asyncapp.sleep(...)``, suspends it on hosts that can (uWSGI's
 async mode, asyncapp's own) and simply blocks elsewhere.
 
-Run it with wsgiref and open the URL it prints::
+Run it and open http://127.0.0.1:8000/::
 
-    python -m examples.hello            # http://127.0.0.1:8000/
-    python -m examples.hello --port 8080
+    asyncapp serve examples.hello:app
+    asyncapp serve examples.hello:app --port 8080
 """
 
 from __future__ import annotations

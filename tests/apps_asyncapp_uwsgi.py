@@ -402,12 +402,13 @@ for _style, _apps in {
     ROUTES[f"/echo/{_style}"] = _echo
 
 
-def mounted(prefix: str, app: WSGIApp) -> WSGIApp:
-    """Serve ``app`` at ``prefix``: it sees ``PATH_INFO`` ``/``."""
+def mounted(prefix: str, app: WSGIApp, path: str = "/", query: str = "") -> WSGIApp:
+    """Serve ``app`` at ``prefix``: it sees ``PATH_INFO`` ``path``."""
 
     def middleware(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         environ["SCRIPT_NAME"] = environ.get("SCRIPT_NAME", "") + prefix
-        environ["PATH_INFO"] = "/"
+        environ["PATH_INFO"] = path
+        environ["QUERY_STRING"] = query
         return app(environ, start_response)
 
     return middleware
@@ -416,10 +417,11 @@ def mounted(prefix: str, app: WSGIApp) -> WSGIApp:
 for _name, _module in {
     "hello": hello,
     "echo": echo,
-    "clock": clock,
     "green_flask": green_flask,
 }.items():
     ROUTES[f"/examples/{_name}"] = mounted(f"/examples/{_name}", _module.app)
+# The clock's stream, four ticks of server-sent events.
+ROUTES["/examples/clock"] = mounted("/examples/clock", clock.app, "/events", "count=4")
 
 
 def app(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:

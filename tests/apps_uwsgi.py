@@ -12,9 +12,7 @@ Environ = dict[str, Any]
 
 def hello(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
     body = b"Hello, world!"
-    start_response(
-        "200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))]
-    )
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]
 
 
@@ -28,9 +26,7 @@ def slow(environ: Environ, start_response: StartResponse) -> Iterator[bytes]:
         os.close(write_fd)
     timed_out = bool(environ.get("x-wsgiorg.fdevent.timeout"))
     body = f"pid={os.getpid()} timeout={timed_out}".encode()
-    start_response(
-        "200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))]
-    )
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     yield body
 
 

@@ -131,9 +131,7 @@ class UwsgiServer:
         if remaining <= 0:
             return False
         try:
-            sock = socket.create_connection(
-                ("127.0.0.1", self.port), timeout=min(0.25, remaining)
-            )
+            sock = socket.create_connection(("127.0.0.1", self.port), timeout=min(0.25, remaining))
         except OSError:
             return False
         with sock:
@@ -159,16 +157,12 @@ class UwsgiServer:
         while True:
             if self.process.poll() is not None:
                 raise UwsgiStartupError(
-                    self._failure_message(
-                        f"uWSGI exited with code {self.process.returncode}"
-                    )
+                    self._failure_message(f"uWSGI exited with code {self.process.returncode}")
                 )
             if self._probe(deadline):
                 return
             if time.monotonic() >= deadline:
-                raise UwsgiStartupError(
-                    self._failure_message("uWSGI did not answer HTTP in time")
-                )
+                raise UwsgiStartupError(self._failure_message("uWSGI did not answer HTTP in time"))
             time.sleep(POLL_INTERVAL)
 
     def _failure_message(self, reason: str) -> str:
