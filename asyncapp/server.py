@@ -90,6 +90,7 @@ def error_response(status: int, message: str, server_header: str) -> bytes:
         ("Content-Type", "text/plain; charset=utf-8"),
         ("Content-Length", str(len(body))),
         ("Connection", "close"),
+        ("Date", formatdate(usegmt=True)),  # a MUST for 4xx (RFC 9110 6.6.1)
     ]
     if server_header:
         headers.append(("Server", server_header))
@@ -488,7 +489,10 @@ class Exchange:
             else:
                 self.status = f"{status} {_reason(status)}"
                 self.status_code = status
-                conn.write(error_response(status, message, conn.server.config.server_header))
+                response = error_response(status, message, conn.server.config.server_header)
+                if self.is_head:  # no content in a response to HEAD (RFC 9110 9.3.2)
+                    response = response[: response.index(b"\r\n\r\n") + 4]
+                conn.write(response)
                 self.keep_alive = False
                 conn.close_after_flush()
             self.log_access()
@@ -549,6 +553,7 @@ class Connection:
         "out",
         "parser",
         "peer",
+        "pending_error",
         "reading",
         "server",
         "sock",
@@ -570,6 +575,8 @@ class Connection:
         self.buffered_body = 0
         self.drain_left = 0
         self._processing = False
+        #: A malformed request after complete ones: answered once they are.
+        self.pending_error: ProtocolError | None = None
         self.deadline: float | None = time.monotonic() + server.config.header_timeout
         environ = server.base_environ.copy()
         if isinstance(peer, tuple):
@@ -587,11 +594,13 @@ class Connection:
             self.server.loop.add_handler(self.fd, False, self.on_readable if on else None)
 
     def _want_reading(self) -> bool:
-        if self.closing:
+        if self.closing or self.pending_error is not None:
             return False
         exchange = self.exchange
         if exchange is not None and not exchange.body_done:
             return False  # the app reads the body itself, at its own pace
+        if exchange is None and len(self.out) >= self.server.config.write_buffer_high:
+            return False  # the client is not reading its responses: take no more requests
         # Enough pipelined bytes queued: wait until they are served.
         return (
             self.buffered_body < self.server.config.max_body_buffer and len(self.parser.events) < 64
@@ -632,12 +641,14 @@ class Connection:
     def _feed(self, data: bytes) -> None:
         parser = self.parser
         before = len(parser.events)
-        parser.feed(data)
-        events = parser.events
-        for index in range(before, len(events)):
-            event = events[index]
-            if event.__class__ is bytes:
-                self.buffered_body += len(event)  # type: ignore[arg-type,unused-ignore]
+        try:
+            parser.feed(data)
+        finally:  # also count what a feed that failed halfway queued
+            events = parser.events
+            for index in range(before, len(events)):
+                event = events[index]
+                if event.__class__ is bytes:
+                    self.buffered_body += len(event)  # type: ignore[arg-type,unused-ignore]
 
     def received(self, data: bytes) -> None:
         if self.exchange is None and self.deadline is not None and not self.parser_mid_head():
@@ -646,9 +657,27 @@ class Connection:
         try:
             self._feed(data)
         except ProtocolError as error:
-            self.protocol_error(error)
-            return
+            if not self._defer_error(error):
+                self.protocol_error(error)
+                return
         self.process()
+
+    def _defer_error(self, error: ProtocolError) -> bool:
+        """Serve the complete requests queued ahead of a bad one, then answer it.
+
+        Otherwise its error response would go out as the answer to the first
+        of them, a valid request, depending on how TCP split the bytes.
+        """
+        events = self.parser.events
+        while events and events[-1] is not END:  # the bad request's own events
+            event = events.pop()
+            if event.__class__ is bytes:
+                self.buffered_body -= len(event)  # type: ignore[arg-type,unused-ignore]
+        if not events:
+            return False
+        self.pending_error = error
+        self._set_reading(False)
+        return True
 
     def parser_mid_head(self) -> bool:
         return self.parser._head_bytes > 0
@@ -675,12 +704,19 @@ class Connection:
                 if exchange is not None:
                     break
                 if not events:
-                    if self.parser.stopped:
+                    if self.pending_error is not None:
+                        self.protocol_error(self.pending_error)
+                    elif self.parser.stopped:
                         self.close_after_flush()
                     elif self.deadline is None:
                         # Idle after a response (a bodyless request's END was
                         # still queued when exchange_finished looked).
                         self.deadline = time.monotonic() + self.server.config.keepalive_timeout
+                    break
+                if len(self.out) >= self.server.config.write_buffer_high:
+                    # Pipelined requests wait until the client reads what is
+                    # queued (on_writable resumes them): `return [body]` has
+                    # no task to pause, so nothing else bounds self.out.
                     break
                 event = events.popleft()
                 if isinstance(event, RequestHead):
@@ -790,6 +826,8 @@ class Connection:
         exchange = self.exchange
         if exchange is not None and exchange.task is not None:
             exchange.task.resume_output()
+        elif exchange is None and not self.closing:
+            self.process()  # pipelined requests held back while output was full
 
     # -- closing ---------------------------------------------------------------
     def close_after_flush(self) -> None:
