@@ -1,0 +1,989 @@
+# ruff: noqa: RUF001 - the report prints multiplication signs and en dashes on purpose
+"""``python -m bench``: asyncapp's bundled server against its peers.
+
+Creates (or reuses) the peers' virtualenv ``.bench-venv/`` with gevent,
+waitress, uvicorn, httptools and werkzeug installed by name from the
+package index pip is configured with, then runs each scenario against each
+server on 127.0.0.1, on a free port, server pinned to CPU 0 and load
+generator to CPU 1 (when there are two), and kills every process it started
+when a server is done with (also on errors and Ctrl-C). Prints Markdown
+tables with ratios against the peers measured in the same run, marks the
+targets met or missed, and writes the report to ``bench/results/``.
+
+Scenarios (``--only`` takes these names, comma-separated):
+
+* ``hello``: ``wrk -t1 -c50 -d5s --latency``, keep-alive, 13-byte body.
+* ``longpoll``: N held long polls (RSS per held connection), then one
+  publish that releases all N (time until the last response arrived).
+* ``upload``: a 100 MiB POST (Content-Length, then chunked) read in 64 KiB
+  reads through each server's input.
+* ``suspend``: microseconds per readiness wait in each asyncapp style,
+  timed inside the app, against the protocol called by hand.
+
+``--quick`` uses small counts (about 1.5 minutes in all); see
+``docs/benchmarks.md`` for what the numbers mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import http.client
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.procstat import cpu_seconds, raise_fd_limit
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_VENV = ROOT / ".bench-venv"
+RESULTS = ROOT / "bench" / "results"
+#: The peers, by name and with the versions of the earlier baseline
+#: (/work/shared/PEERS.md) so runs stay comparable; pip resolves the rest.
+PEER_REQUIREMENTS = [
+    "gevent==26.9.0",
+    "waitress==3.0.2",
+    "uvicorn==0.54.0",
+    "httptools==0.9.0",
+    "Werkzeug==3.1.9",
+]
+PEER_DISTRIBUTIONS = ["gevent", "greenlet", "waitress", "uvicorn", "h11", "httptools", "Werkzeug"]
+SCENARIOS = ["hello", "longpoll", "upload", "suspend"]
+STYLES = ["plain", "gen", "async", "green"]
+
+
+# -- settings ------------------------------------------------------------------
+@dataclass
+class Settings:
+    quick: bool
+    runs: int
+    hello_seconds: int
+    hello_warmup: int
+    longpoll_n: int
+    upload_mib: int
+    upload_repeat: int
+    suspend_k: int
+    longpoll_rounds: int
+    suspend_requests: int
+    budgets: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def make(cls, quick: bool, runs: int | None, n: int | None) -> Settings:
+        if quick:
+            s = cls(
+                quick=True, runs=1, hello_seconds=3, hello_warmup=1, longpoll_n=1000,
+                longpoll_rounds=3, upload_mib=20, upload_repeat=3, suspend_k=1000,
+                suspend_requests=10,
+            )  # fmt: skip
+            s.budgets = {"hello": 90, "longpoll": 120, "upload": 60, "suspend": 30}
+        else:
+            s = cls(
+                quick=False, runs=3, hello_seconds=5, hello_warmup=2, longpoll_n=10000,
+                longpoll_rounds=3, upload_mib=100, upload_repeat=5, suspend_k=1000,
+                suspend_requests=20,
+            )  # fmt: skip
+            s.budgets = {"hello": 900, "longpoll": 1200, "upload": 600, "suspend": 120}
+        if runs is not None:
+            s.runs = runs
+        if n is not None:
+            s.longpoll_n = n
+        return s
+
+
+# -- interpreters and the peers' virtualenv -------------------------------------
+def peer_python() -> str:
+    return str(BENCH_VENV / "bin" / "python")
+
+
+def main_python() -> str:
+    """An interpreter with asyncapp installed: this one, or the project's .venv."""
+    try:
+        import asyncapp  # noqa: F401
+    except ImportError:
+        candidate = ROOT / ".venv" / "bin" / "python"
+        if candidate.exists():
+            return str(candidate)
+        raise SystemExit(
+            "asyncapp is not importable: run with the project's .venv python"
+        ) from None
+    return sys.executable
+
+
+def ensure_peer_venv() -> None:
+    """Create ``.bench-venv`` and install the peers, unless already there."""
+    marker = BENCH_VENV / "bench-requirements.txt"
+    wanted = "\n".join(PEER_REQUIREMENTS) + "\n"
+    if marker.exists() and marker.read_text() == wanted and Path(peer_python()).exists():
+        return
+    print(f"creating the peers' virtualenv {BENCH_VENV} ...", file=sys.stderr)
+    if not Path(peer_python()).exists():
+        subprocess.run([sys.executable, "-m", "venv", str(BENCH_VENV)], check=True)
+    install = [peer_python(), "-m", "pip", "install", "--quiet", *PEER_REQUIREMENTS]
+    done = subprocess.run(install, capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        sys.stderr.write(done.stdout + done.stderr)
+        raise SystemExit("could not install the peers into .bench-venv (see above)")
+    marker.write_text(wanted)
+
+
+# -- CPU pinning and processes --------------------------------------------------
+def _cpus() -> tuple[set[int] | None, set[int] | None]:
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None, None
+    return {cpus[0]}, {cpus[1]}
+
+
+SERVER_CPUS, LOAD_CPUS = _cpus()
+
+
+def _pinner(cpus: set[int] | None) -> Callable[[], None] | None:
+    if cpus is None:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _kill_group(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM the process group we started, then SIGKILL what is left."""
+    for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            continue
+        # The leader is gone; its group may not be (a forked worker).
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        break
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(1.0)
+
+
+class ServerFailed(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def running(cmd: list[str], port: int, log_dir: Path, name: str) -> Iterator[int]:
+    """Start a server (its own process group, pinned), yield its pid, kill it."""
+    log_path = log_dir / f"{re.sub(r'[^A-Za-z0-9.+-]', '_', name)}.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            preexec_fn=_pinner(SERVER_CPUS),
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                tail = log_path.read_text(errors="replace")[-2000:]
+                raise ServerFailed(f"{name} exited with {proc.returncode}: {tail}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise ServerFailed(f"{name} did not listen on {port} within 30 s") from None
+                time.sleep(0.05)
+        yield proc.pid
+        if proc.poll() is not None:
+            raise ServerFailed(f"{name} died during the run (exit {proc.returncode})")
+    finally:
+        _kill_group(proc)
+
+
+def run_load(cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """A load generator, pinned to the load CPU, bounded in time."""
+    return subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=_pinner(LOAD_CPUS),
+        check=False,
+    )
+
+
+# -- the servers ----------------------------------------------------------------
+@dataclass(frozen=True)
+class Server:
+    name: str
+    #: (scenario app name, port) -> command; None: not run, ``skip`` says why.
+    command: Callable[[str, int], list[str]]
+    scenarios: tuple[str, ...]
+    skip: dict[str, str] = field(default_factory=dict)
+
+
+def _raw(app: str, port: int) -> list[str]:
+    return [peer_python(), "-m", "bench.raw_server", app, "--port", str(port)]
+
+
+def _peer(server: str, *extra: str) -> Callable[[str, int], list[str]]:
+    def command(app: str, port: int) -> list[str]:
+        return [peer_python(), "-m", "bench.serve_peer", server, app, "--port", str(port), *extra]
+
+    return command
+
+
+def _uvicorn(http: str) -> Callable[[str, int], list[str]]:
+    def command(app: str, port: int) -> list[str]:
+        return [
+            peer_python(),
+            "-m",
+            "uvicorn",
+            f"bench.asgi_apps:{app}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--http",
+            http,
+            "--loop",
+            "asyncio",
+            "--lifespan",
+            "off",
+            "--no-access-log",
+            "--log-level",
+            "warning",
+            "--backlog",
+            "2048",
+        ]
+
+    return command
+
+
+def _asyncapp(style: str) -> Callable[[str, int], list[str]]:
+    def command(app: str, port: int) -> list[str]:
+        return [
+            main_python(),
+            "-m",
+            "asyncapp",
+            "serve",
+            f"bench.asyncapp_apps:{app}_{style}",
+            "--port",
+            str(port),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ]
+
+    return command
+
+
+ALL = ("hello", "longpoll", "upload")
+NO_HOLD = "a pool of 4 threads cannot hold thousands of requests"
+SERVERS = [
+    Server("raw-asyncio", _raw, ALL),
+    Server("gevent.pywsgi", _peer("gevent"), ALL),
+    Server("gevent.pywsgi+nodelay", _peer("gevent", "--nodelay"), ALL),
+    Server("waitress-t4", _peer("waitress", "--threads", "4"), ("hello", "upload"),
+           {"longpoll": NO_HOLD}),
+    Server("werkzeug-threaded", _peer("werkzeug"), ALL),
+    Server("uvicorn-h11", _uvicorn("h11"), ALL),
+    Server("uvicorn-httptools", _uvicorn("httptools"), ALL),
+    Server("asyncapp-plain", _asyncapp("plain"), ("hello",),
+           {"longpoll": "a plain WSGI app cannot wait without blocking the loop",
+            "upload": "wsgi.input reads block the loop; asyncapp apps use asyncapp.read"}),
+    Server("asyncapp-gen", _asyncapp("gen"), ALL),
+    Server("asyncapp-async", _asyncapp("async"), ALL),
+    Server("asyncapp-green", _asyncapp("green"), ALL),
+]  # fmt: skip
+
+
+# -- formatting -------------------------------------------------------------------
+def ratio(value: float | None, base: float | None) -> str:
+    if value is None or not base:
+        return "–"
+    return f"{value / base:.2f}×"
+
+
+def num(value: float | None, digits: int = 0) -> str:
+    if value is None:
+        return "–"
+    return f"{value:,.{digits}f}"
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    align = ["---"] + ["---:"] * (len(header) - 1)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def verdict(ok: bool | None) -> str:
+    return "–" if ok is None else ("**met**" if ok else "**missed**")
+
+
+# -- scenario 1: hello -----------------------------------------------------------
+_LAT = re.compile(r"^\s*99%\s+([\d.]+)(us|ms|s)\s*$", re.M)
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def parse_wrk(out: str) -> dict[str, Any]:
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    p99 = _LAT.search(out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {
+        "rps": float(rps.group(1)) if rps else None,
+        "p99_ms": float(p99.group(1)) * _UNITS[p99.group(2)] if p99 else None,
+        "errors": (sum(int(g) for g in errors.groups()) if errors else 0)
+        + (int(non2xx.group(1)) if non2xx else 0),
+    }
+
+
+def bench_hello(s: Settings, log_dir: Path, deadline: float) -> dict[str, Any]:
+    results: dict[str, list[dict[str, Any]]] = {}
+    failures: dict[str, str] = {}
+    for run in range(s.runs):
+        for server in SERVERS:
+            if "hello" not in server.scenarios or server.name in failures:
+                continue
+            if time.monotonic() > deadline:
+                failures.setdefault(server.name, "skipped: the scenario's time budget ran out")
+                continue
+            port = free_port()
+            url = f"http://127.0.0.1:{port}/"
+            print(f"  hello run {run + 1}/{s.runs}: {server.name}", file=sys.stderr)
+            try:
+                with running(server.command("hello", port), port, log_dir, server.name) as pid:
+                    warm = ["wrk", "-t1", "-c50", f"-d{s.hello_warmup}s", url]
+                    run_load(warm, s.hello_warmup + 30)
+                    cpu0, t0 = cpu_seconds(pid), time.monotonic()
+                    cmd = ["wrk", "-t1", "-c50", f"-d{s.hello_seconds}s", "--latency", url]
+                    done = run_load(cmd, s.hello_seconds + 30)
+                    cpu = (cpu_seconds(pid) - cpu0) / (time.monotonic() - t0) * 100
+            except (ServerFailed, subprocess.TimeoutExpired) as error:
+                failures[server.name] = f"failed: {error}"[:300]
+                continue
+            parsed = parse_wrk(done.stdout)
+            parsed["cpu_pct"] = cpu
+            if parsed["rps"] is None:
+                failures[server.name] = f"wrk failed: {done.stdout[-300:]} {done.stderr[-300:]}"
+                continue
+            results.setdefault(server.name, []).append(parsed)
+    summary = {}
+    for name, runs in results.items():
+        summary[name] = {
+            "rps": median([r["rps"] for r in runs]),
+            "rps_min": min(r["rps"] for r in runs),
+            "rps_max": max(r["rps"] for r in runs),
+            "p99_ms": median([r["p99_ms"] for r in runs if r["p99_ms"] is not None]),
+            "cpu_pct": median([r["cpu_pct"] for r in runs]),
+            "errors": sum(r["errors"] for r in runs),
+            "runs": len(runs),
+        }
+    return {"summary": summary, "failures": failures, "raw": results}
+
+
+def report_hello(s: Settings, data: dict[str, Any]) -> tuple[str, list[list[str]]]:
+    summary = data["summary"]
+    base_gevent = summary.get("gevent.pywsgi+nodelay", {}).get("rps")
+    base_uvicorn = summary.get("uvicorn-httptools", {}).get("rps")
+    base_raw = summary.get("raw-asyncio", {}).get("rps")
+    rows = []
+    targets = []
+    for name, r in sorted(summary.items(), key=lambda kv: -kv[1]["rps"]):
+        target = ""
+        if name.startswith("asyncapp") and base_gevent and base_uvicorn:
+            ok = r["rps"] >= 2.0 * base_gevent and r["rps"] >= 0.75 * base_uvicorn
+            target = verdict(ok)
+            targets.append(
+                [
+                    f"hello req/s, {name}",
+                    ">= 2.0× gevent.pywsgi+nodelay and >= 0.75× uvicorn-httptools",
+                    f"{ratio(r['rps'], base_gevent)} / {ratio(r['rps'], base_uvicorn)}",
+                    verdict(ok),
+                ]
+            )
+        rows.append(
+            [
+                name,
+                num(r["rps"]),
+                f"{num(r['rps_min'])}–{num(r['rps_max'])}",
+                ratio(r["rps"], base_gevent),
+                ratio(r["rps"], base_uvicorn),
+                ratio(r["rps"], base_raw),
+                num(r["p99_ms"], 2),
+                num(r["cpu_pct"]),
+                str(r["errors"]),
+                target,
+            ]
+        )
+    header = [
+        "server",
+        "req/s (median)",
+        "min–max",
+        "× gevent.pywsgi+nodelay",
+        "× uvicorn-httptools",
+        "× raw-asyncio",
+        "p99 ms",
+        "server CPU %",
+        "errors",
+        "target",
+    ]
+    text = (
+        f"### 1. Hello world: `wrk -t1 -c50 -d{s.hello_seconds}s --latency`, keep-alive\n\n"
+        f"Median of {s.runs} run(s), each on a fresh server after a {s.hello_warmup} s "
+        "warm-up; 13-byte text/plain body with Content-Length. Target (asyncapp rows): "
+        ">= 2.0× gevent.pywsgi+nodelay and >= 0.75× uvicorn-httptools.\n\n"
+        + table(header, rows)
+        + _failures(data)
+    )
+    return text, targets
+
+
+def _failures(data: dict[str, Any]) -> str:
+    failures = data.get("failures") or {}
+    if not failures:
+        return "\n"
+    lines = [f"- **{name}**: {why}" for name, why in failures.items()]
+    return "\n\nNot measured:\n\n" + "\n".join(lines) + "\n"
+
+
+# -- scenarios 2 and 3: held long polls and broadcast ---------------------------
+def bench_longpoll(s: Settings, log_dir: Path, deadline: float) -> dict[str, Any]:
+    results: dict[str, list[dict[str, Any]]] = {}
+    failures: dict[str, str] = {}
+    per_run = 60 + s.longpoll_n / 100  # generous: werkzeug starts a thread per request
+    for run in range(s.runs):
+        for server in SERVERS:
+            if "longpoll" not in server.scenarios or server.name in failures:
+                continue
+            if time.monotonic() > deadline:
+                failures.setdefault(server.name, "skipped: the scenario's time budget ran out")
+                continue
+            port = free_port()
+            print(f"  longpoll run {run + 1}/{s.runs}: {server.name}", file=sys.stderr)
+            try:
+                with running(server.command("longpoll", port), port, log_dir, server.name) as pid:
+                    cmd = [
+                        main_python(),
+                        "-m",
+                        "bench.longpoll_client",
+                        "--port",
+                        str(port),
+                        "--pid",
+                        str(pid),
+                        "--n",
+                        str(s.longpoll_n),
+                        "--timeout",
+                        str(per_run),
+                        "--rounds",
+                        str(s.longpoll_rounds),
+                    ]
+                    done = run_load(cmd, per_run + 30)
+            except (ServerFailed, subprocess.TimeoutExpired) as error:
+                failures[server.name] = f"failed: {error}"[:300]
+                continue
+            try:
+                result = json.loads(done.stdout)
+            except ValueError:
+                failures[server.name] = f"client failed: {done.stderr[-300:]}"
+                continue
+            if "error" in result:
+                failures[server.name] = f"run {run + 1}: {result['error']}"
+                continue
+            results.setdefault(server.name, []).append(result)
+    summary = {}
+    for name, runs in results.items():
+        summary[name] = {
+            key: median([r[key] for r in runs])
+            for key in ("kb_per_conn", "rss_before_kb", "rss_held_kb", "hold_s")
+        }
+        # Every broadcast of every run counts: the machine's noise is per round.
+        fanouts = [x["fanout_ms"] for r in runs for x in r["rounds"]]
+        summary[name] |= {
+            "fanout_ms": median(fanouts),
+            "fanout_min": min(fanouts),
+            "fanout_max": max(fanouts),
+            "median_ms": median([x["median_ms"] for r in runs for x in r["rounds"]]),
+            "runs": len(runs),
+            "rounds": len(fanouts),
+        }
+    return {"summary": summary, "failures": failures, "raw": results, "n": s.longpoll_n}
+
+
+def report_longpoll(s: Settings, data: dict[str, Any]) -> tuple[str, list[list[str]]]:
+    summary = data["summary"]
+    n = data["n"]
+    gevent = summary.get("gevent.pywsgi", {})
+    uvicorn = summary.get("uvicorn-httptools", {})
+    raw = summary.get("raw-asyncio", {})
+    rows = []
+    targets = []
+    for name, r in sorted(summary.items(), key=lambda kv: kv[1]["kb_per_conn"]):
+        rss_ok = fan_ok = None
+        if name.startswith("asyncapp") and gevent:
+            rss_ok = r["kb_per_conn"] <= 0.3 * gevent["kb_per_conn"]
+            fan_ok = r["fanout_ms"] <= 0.35 * gevent["fanout_ms"]
+            targets.append(
+                [
+                    f"held long polls, {name}",
+                    "KB/conn <= 0.3× gevent.pywsgi",
+                    ratio(r["kb_per_conn"], gevent["kb_per_conn"]),
+                    verdict(rss_ok),
+                ]
+            )
+            targets.append(
+                [
+                    f"broadcast to {n:,}, {name}",
+                    "last answer <= 0.35× gevent.pywsgi's time",
+                    ratio(r["fanout_ms"], gevent["fanout_ms"]),
+                    verdict(fan_ok),
+                ]
+            )
+        rows.append(
+            [
+                name,
+                num(r["kb_per_conn"], 1),
+                ratio(r["kb_per_conn"], gevent.get("kb_per_conn")),
+                ratio(r["kb_per_conn"], uvicorn.get("kb_per_conn")),
+                ratio(r["kb_per_conn"], raw.get("kb_per_conn")),
+                f"{num(r['rss_before_kb'] / 1024, 1)} → {num(r['rss_held_kb'] / 1024, 1)}",
+                verdict(rss_ok),
+                num(r["fanout_ms"]),
+                f"{num(r['fanout_min'])}–{num(r['fanout_max'])}",
+                ratio(r["fanout_ms"], gevent.get("fanout_ms")),
+                ratio(r["fanout_ms"], uvicorn.get("fanout_ms")),
+                ratio(r["fanout_ms"], raw.get("fanout_ms")),
+                num(r["median_ms"]),
+                verdict(fan_ok),
+                num(r["hold_s"], 2),
+            ]
+        )
+    header = [
+        "server",
+        "KB / held conn",
+        "× gevent.pywsgi",
+        "× uvicorn-httptools",
+        "× raw-asyncio",
+        "RSS before → held (MiB)",
+        "target ≤ 0.3×",
+        f"broadcast: last of {n:,} (ms, median)",
+        "min–max",
+        "× gevent.pywsgi",
+        "× uvicorn-httptools",
+        "× raw-asyncio",
+        "median response ms",
+        "target ≤ 0.35×",
+        "hold s",
+    ]
+    text = (
+        f"### 2–3. {n:,} held long polls (RSS per connection) and one broadcast\n\n"
+        f"{s.runs} run(s), each on a fresh server. Each server holds `GET /wait` on its "
+        "natural primitive (gevent `Event`, `threading.Event`, `asyncio.Event`, "
+        "`asyncapp.Channel`; a 60 s timeout per waiter everywhere). RSS = VmRSS of the "
+        "server after a 100-request warm-up round (before) and 1 s after it reports all N "
+        "held (median of the runs); broadcast = from sending `GET /release` (one `set()` / "
+        "`publish()`) until the last of the N responses has arrived at the client (one "
+        f"asyncio process on the other CPU); {s.longpoll_rounds} broadcasts per run (the "
+        "same connections poll again after each), median and range over all of them.\n\n"
+        + table(header, rows)
+        + _failures(data)
+        + _not_run("longpoll")
+    )
+    return text, targets
+
+
+def _not_run(scenario: str) -> str:
+    lines = [f"- **{srv.name}**: {srv.skip[scenario]}" for srv in SERVERS if scenario in srv.skip]
+    return "\nNot run (does not apply):\n\n" + "\n".join(lines) + "\n" if lines else ""
+
+
+# -- scenario 4: upload -------------------------------------------------------------
+def bench_upload(s: Settings, log_dir: Path, deadline: float) -> dict[str, Any]:
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    failures: dict[str, str] = {}
+    for run in range(s.runs):
+        for server in SERVERS:
+            if "upload" not in server.scenarios or server.name in failures:
+                continue
+            if time.monotonic() > deadline:
+                failures.setdefault(server.name, "skipped: the scenario's time budget ran out")
+                continue
+            port = free_port()
+            print(f"  upload run {run + 1}/{s.runs}: {server.name}", file=sys.stderr)
+            try:
+                with running(server.command("upload", port), port, log_dir, server.name) as pid:
+                    for mode in ("length", "chunked"):
+                        cmd = [
+                            main_python(),
+                            "-m",
+                            "bench.upload_client",
+                            "--port",
+                            str(port),
+                            "--pid",
+                            str(pid),
+                            "--mib",
+                            str(s.upload_mib),
+                            "--repeat",
+                            str(s.upload_repeat),
+                        ] + (["--chunked"] if mode == "chunked" else [])
+                        done = run_load(cmd, 60 * s.upload_repeat + 30)
+                        try:
+                            result = json.loads(done.stdout)
+                        except ValueError:
+                            result = {"error": f"client failed: {done.stderr[-300:]}"}
+                        if "error" in result:
+                            failures[f"{server.name} ({mode})"] = result["error"][:300]
+                            continue
+                        results.setdefault(server.name, {}).setdefault(mode, []).append(result)
+            except (ServerFailed, subprocess.TimeoutExpired) as error:
+                failures[server.name] = f"failed: {error}"[:300]
+    summary: dict[str, dict[str, Any]] = {}
+    for name, modes in results.items():
+        for mode, runs in modes.items():
+            size = runs[0]["bytes"]
+            per_run = [size / 2**20 / statistics.median(r["seconds"]) for r in runs]
+            cpu = [r["cpu_s"] / len(r["seconds"]) * 1000 for r in runs]
+            summary.setdefault(name, {})[mode] = {"mib_s": median(per_run), "cpu_ms": median(cpu)}
+    return {"summary": summary, "failures": failures, "raw": results, "mib": s.upload_mib}
+
+
+def report_upload(s: Settings, data: dict[str, Any]) -> tuple[str, list[list[str]]]:
+    summary = data["summary"]
+
+    def get(name: str, mode: str, key: str) -> float | None:
+        value = summary.get(name, {}).get(mode, {}).get(key)
+        return float(value) if value is not None else None
+
+    rows = []
+    targets = []
+    order = sorted(summary, key=lambda name: -(get(name, "length", "mib_s") or 0))
+    for name in order:
+        row = [name]
+        for mode in ("length", "chunked"):
+            value = get(name, mode, "mib_s")
+            base = get("gevent.pywsgi", mode, "mib_s")
+            ok = None
+            if name.startswith("asyncapp") and value is not None and base:
+                ok = value >= 0.5 * base
+                targets.append(
+                    [
+                        f"upload ({'Content-Length' if mode == 'length' else 'chunked'}), {name}",
+                        ">= 0.5× gevent.pywsgi (PEERS.md)",
+                        ratio(value, base),
+                        verdict(ok),
+                    ]
+                )
+            row += [
+                num(value),
+                ratio(value, base),
+                ratio(value, get("uvicorn-httptools", mode, "mib_s")),
+                ratio(value, get("raw-asyncio", mode, "mib_s")),
+                num(get(name, mode, "cpu_ms")),
+                verdict(ok),
+            ]
+        rows.append(row)
+    cols = ["MiB/s", "× gevent.pywsgi", "× uvicorn-httptools", "× raw-asyncio", "CPU ms", "target"]
+    header = ["server"] + [f"CL {c}" for c in cols] + [f"chunked {c}" for c in cols]
+    mib = data["mib"]
+    text = (
+        f"### 4. Upload: {mib} MiB POST, Content-Length (CL) and chunked\n\n"
+        f"Median of {s.runs} run(s); each run's figure is the median of {s.upload_repeat} "
+        "uploads on one server, timed from the first byte sent until the response arrived. "
+        "asyncapp apps read with `asyncapp.read` / `green.read` (64 KiB), WSGI peers "
+        "`wsgi.input.read(65536)`, uvicorn's ASGI app `receive()`. CPU ms = server CPU "
+        "time per upload (10 ms tick resolution). Target (from PEERS.md, not in the "
+        "issue's list): >= 0.5× gevent.pywsgi in both modes.\n\n"
+        + table(header, rows)
+        + _failures(data)
+        + _not_run("upload")
+    )
+    return text, targets
+
+
+# -- scenario 5: suspension overhead ---------------------------------------------
+SUSPEND_STYLES = ["raw", "gen", "async", "green"]
+SUSPEND_TIMEOUTS = ["0", "none"]
+
+
+def bench_suspend(s: Settings, log_dir: Path, deadline: float) -> dict[str, Any]:
+    port = free_port()
+    cmd = [main_python(), "-m", "asyncapp", "serve", "bench.asyncapp_apps:suspend"]
+    cmd += ["--port", str(port), "--no-access-log", "--log-level", "warning"]
+    samples: dict[str, list[float]] = {}
+    failures: dict[str, str] = {}
+    print("  suspend: asyncapp server", file=sys.stderr)
+    try:
+        with running(cmd, port, log_dir, "asyncapp-suspend"):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            # Warm-up, then interleave styles so drift hits them alike.
+            for rep in range(s.suspend_requests + 1):
+                for style in SUSPEND_STYLES:
+                    for timeout in SUSPEND_TIMEOUTS:
+                        if time.monotonic() > deadline:
+                            failures["all"] = "the scenario's time budget ran out"
+                            break
+                        conn.request("GET", f"/{style}?k={s.suspend_k}&timeout={timeout}")
+                        response = conn.getresponse()
+                        body = response.read().split()
+                        seconds, k, ready = float(body[0]), int(body[1]), int(body[2])
+                        # With timeout 0 the first wait of a request can time out:
+                        # the app starts from the server's I/O phase, so the timer
+                        # is due before the next poll. Any other miss is a failure.
+                        if ready < k - (timeout == "0"):
+                            failures[f"{style} timeout={timeout}"] = f"{k - ready} waits not ready"
+                        if rep:
+                            samples.setdefault(f"{style}/{timeout}", []).append(seconds / k * 1e6)
+            conn.close()
+    except (ServerFailed, OSError) as error:
+        failures["server"] = f"failed: {error}"[:300]
+    summary = {key: median(values) for key, values in samples.items()}
+    return {"summary": summary, "failures": failures, "k": s.suspend_k, "raw": samples}
+
+
+def report_suspend(s: Settings, data: dict[str, Any]) -> tuple[str, list[list[str]]]:
+    summary = data["summary"]
+    rows = []
+    targets = []
+    names = {
+        "raw": 'protocol by hand (`readable(fd, t)`, `yield b""`)',
+        "gen": "generator (`yield from asyncapp.readable`)",
+        "async": "async def (`await asyncapp.readable`)",
+        "green": "greenlet (`green.readable`)",
+    }
+    for style in SUSPEND_STYLES:
+        row = [names[style]]
+        for timeout in SUSPEND_TIMEOUTS:
+            value = summary.get(f"{style}/{timeout}")
+            base = summary.get(f"raw/{timeout}")
+            ok = None
+            if style in ("gen", "async") and value is not None and base:
+                ok = value <= 1.5 * base
+                targets.append(
+                    [
+                        f"suspension, {style} (timeout={timeout})",
+                        "<= 1.5× the protocol by hand",
+                        ratio(value, base),
+                        verdict(ok),
+                    ]
+                )
+            row += [num(value, 2), ratio(value, base), verdict(ok)]
+        rows.append(row)
+    header = ["style", "µs/wait (t=0)", "× by hand", "target ≤ 1.5×"]
+    header += ["µs/wait (no timeout)", "× by hand", "target ≤ 1.5×"]
+    text = (
+        "### 5. Suspension overhead: one readiness wait on the bundled server\n\n"
+        f"{data['k']:,} waits per request on an always-readable pipe, timed inside the app "
+        f"(`time.perf_counter`); median over {s.suspend_requests} requests per style, styles "
+        "interleaved, one server process. `t=0`: every wait passes timeout 0 (a timer is "
+        "armed and cancelled each time, as the issue's `readable(fd, 0)`); `no timeout`: "
+        "readiness only. Target: generator and async def within 1.5× of the protocol by "
+        "hand.\n\n" + table(header, rows) + _failures(data)
+    )
+    return text, targets
+
+
+# -- the machine --------------------------------------------------------------------
+def calibrate() -> str:
+    """A fixed 3M-iteration Python loop on each CPU: how fast the machine is now."""
+    code = "import time\nt=time.process_time()\nfor i in range(3_000_000): pass\n"
+    code += "print(round(time.process_time()-t, 3))"
+    parts = []
+    for label, cpus in (("cpu0", SERVER_CPUS), ("cpu1", LOAD_CPUS)):
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            preexec_fn=_pinner(cpus),
+            timeout=60,
+            check=False,
+        )
+        parts.append(f"{label} {done.stdout.strip()} s")
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return f"loadavg {load}; calibration loop {', '.join(parts)}"
+
+
+def _first_line(cmd: list[str]) -> str:
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+        lines = (done.stdout or done.stderr).strip().splitlines()
+        return lines[0] if lines else ""
+    return "?"
+
+
+def machine_facts() -> list[str]:
+    cpu_model = "?"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as file:
+        for line in file:
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    mem = "?"
+    with contextlib.suppress(OSError), open("/proc/meminfo") as file:
+        mem = f"{int(file.readline().split()[1]) / 2**20:.1f} GiB"
+    code = (
+        "import importlib.metadata as m, sys\n"
+        f"names = {PEER_DISTRIBUTIONS!r}\n"
+        "print(sys.version.split()[0], ' '.join(f'{n}=={m.version(n)}' for n in names))"
+    )
+    peers = _first_line([peer_python(), "-c", code])
+    asyncapp_version = _first_line(
+        [main_python(), "-c", "import asyncapp, sys; print(asyncapp.__version__)"]
+    )
+    commit = _first_line(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    dirty = _first_line(["git", "-C", str(ROOT), "status", "--porcelain", "--", "asyncapp"])
+    pinning = (
+        f"servers pinned to CPU {min(SERVER_CPUS)}, load generators to CPU {min(LOAD_CPUS)}"
+        if SERVER_CPUS and LOAD_CPUS
+        else "no pinning (fewer than 2 CPUs)"
+    )
+    return [
+        f"- Machine: {os.cpu_count()} CPU(s) ({cpu_model}), {mem} RAM, "
+        f"Linux {platform.release()}; {pinning}; everything on 127.0.0.1.",
+        f"- Python: {platform.python_version()} ({platform.python_implementation()}) for "
+        f"asyncapp {asyncapp_version} (commit {commit}"
+        f"{', asyncapp/ modified' if dirty not in ('', '?') else ''}) and the clients; "
+        f"peers' venv: Python {peers}.",
+        f"- wrk: {_first_line(['wrk', '-v'])}.",
+    ]
+
+
+# -- main ----------------------------------------------------------------------------
+BENCHES = {
+    "hello": (bench_hello, report_hello),
+    "longpoll": (bench_longpoll, report_longpoll),
+    "upload": (bench_upload, report_upload),
+    "suspend": (bench_suspend, report_suspend),
+}
+
+
+def render(run: dict[str, Any]) -> str:
+    """The Markdown report of a run (as saved in its JSON file)."""
+    settings = Settings(**run["settings"])
+    sections: list[str] = []
+    targets: list[list[str]] = []
+    for name in SCENARIOS:
+        if name in run["scenarios"]:
+            text, found = BENCHES[name][1](settings, run["scenarios"][name])
+            sections.append(text)
+            targets += found
+    mode = "quick (`python -m bench --quick`)" if settings.quick else "full (`python -m bench`)"
+    walls = ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in run["scenarios"].items())
+    out = [
+        f"## Results: {mode}, {run['started']}",
+        "",
+        *run["facts"],
+        f"- Open-file limit raised to {run['fd_limit']}.",
+        f"- Noise: before: {run['before']}; after: {run.get('after', '?')}.",
+        f"- Scenario wall times: {walls}.",
+        "",
+        "### Targets",
+        "",
+        table(["what", "target", "measured", "verdict"], targets) if targets else "(none measured)",
+        "",
+        *sections,
+    ]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small counts, about 1.5 minutes")
+    parser.add_argument(
+        "--only", default=None, help=f"comma-separated scenarios: {', '.join(SCENARIOS)}"
+    )
+    parser.add_argument(
+        "--runs", type=int, default=None, help="runs per server (default 3; quick 1)"
+    )
+    parser.add_argument("--n", type=int, default=None, help="held long polls (10,000; quick 1,000)")
+    parser.add_argument("--output", default=None, help="report path (default bench/results/)")
+    parser.add_argument(
+        "--from-json", default=None, help="only re-render the report of a saved run (its .json)"
+    )
+    args = parser.parse_args(argv)
+    if args.from_json:
+        text = render(json.loads(Path(args.from_json).read_text()))
+        print(text)
+        if args.output:
+            Path(args.output).write_text(text)
+        return 0
+    only = SCENARIOS if args.only is None else [x.strip() for x in args.only.split(",") if x]
+    aliases = {"broadcast": "longpoll", "suspension": "suspend"}
+    only = [aliases.get(x, x) for x in only]
+    unknown = set(only) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenario(s) {', '.join(sorted(unknown))}; pick from {SCENARIOS}")
+    settings = Settings.make(args.quick, args.runs, args.n)
+    if "hello" in only and shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: apt-get install -y wrk (or --only without hello)")
+    if args.output:
+        path = Path(args.output)
+    elif args.only is None:
+        path = RESULTS / "latest.md"
+    else:
+        path = RESULTS / f"latest-{'-'.join(only)}.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_peer_venv()
+    # Long polls need N sockets in the client and in the server; children inherit.
+    fd_limit = raise_fd_limit(2 * settings.longpoll_n + 1024)
+    if "longpoll" in only and fd_limit < settings.longpoll_n + 512:
+        # Server and client are separate processes: each needs N sockets.
+        print(f"open-file limit {fd_limit}: holding {fd_limit - 512} long polls", file=sys.stderr)
+        settings.longpoll_n = fd_limit - 512
+    run: dict[str, Any] = {
+        "started": f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
+        "settings": dataclasses.asdict(settings),
+        "facts": machine_facts(),
+        "fd_limit": fd_limit,
+        "before": calibrate(),
+        "scenarios": {},
+    }
+    # The raw figures are saved after every scenario, so that a failure later
+    # loses nothing: --from-json renders them again.
+    raw_path = path.with_suffix(".json")
+    with tempfile.TemporaryDirectory(prefix="asyncapp-bench-") as tmp:
+        for name in only:
+            print(f"{name} ...", file=sys.stderr)
+            began = time.monotonic()
+            data = BENCHES[name][0](settings, Path(tmp), began + settings.budgets[name])
+            data["seconds"] = time.monotonic() - began
+            run["scenarios"][name] = data
+            raw_path.write_text(json.dumps(run, indent=1, default=str))
+    run["after"] = calibrate()
+    raw_path.write_text(json.dumps(run, indent=1, default=str))
+    text = render(run)
+    print(text)
+    path.write_text(text)
+    print(f"written to {path} (raw figures: {raw_path})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,82 @@
+"""The WSGI apps the peer WSGI servers run (gevent.pywsgi, waitress, werkzeug).
+
+Runs in the peers virtualenv: imports neither asyncapp nor anything a
+server does not ship. Each long-poll app blocks on its framework's natural
+primitive (``gevent.event.Event`` or ``threading.Event``), with a 60 s
+timeout per waiter like every other server in the benchmark.
+
+Paths of the long-poll app: ``/wait`` holds the request until the next
+``/release``; ``/release`` sets the current event (and puts a fresh one in
+its place, so the next round waits again); ``/count`` answers how many
+requests are held right now.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+Environ = dict[str, Any]
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
+
+HELLO = b"Hello, world!"  # 13 bytes, as in the peers' baseline
+TEXT = "text/plain"
+READ_SIZE = 65536
+
+
+def _reply(start_response: StartResponse, body: bytes) -> list[bytes]:
+    start_response("200 OK", [("Content-Type", TEXT), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def hello(environ: Environ, start_response: StartResponse) -> list[bytes]:
+    return _reply(start_response, HELLO)
+
+
+def upload(environ: Environ, start_response: StartResponse) -> list[bytes]:
+    """Read ``wsgi.input`` in 64 KiB reads; answer the byte count."""
+    stream = environ["wsgi.input"]
+    length = environ.get("CONTENT_LENGTH")
+    total = 0
+    if length:  # never read past Content-Length (PEP 3333)
+        left = int(length)
+        while left > 0:
+            data = stream.read(min(READ_SIZE, left))
+            if not data:
+                break
+            total += len(data)
+            left -= len(data)
+    else:  # chunked: the server's input ends at the end of the body
+        while data := stream.read(READ_SIZE):
+            total += len(data)
+    return _reply(start_response, b"%d" % total)
+
+
+def make_longpoll(event_class: Callable[[], Any]) -> WSGIApp:
+    """A long-poll app blocking on ``event_class().wait(60)``."""
+    state: dict[str, Any] = {"event": event_class(), "waiting": 0}
+    lock = threading.Lock()  # gevent: uncontended; threads: guards the counter
+
+    def app(environ: Environ, start_response: StartResponse) -> list[bytes]:
+        path = environ["PATH_INFO"]
+        if path == "/wait":
+            event = state["event"]
+            with lock:
+                state["waiting"] += 1
+            try:
+                released = event.wait(60)
+            finally:
+                with lock:
+                    state["waiting"] -= 1
+            return _reply(start_response, b"released" if released else b"timeout")
+        if path == "/release":
+            event, state["event"] = state["event"], event_class()
+            event.set()
+            return _reply(start_response, b"ok")
+        if path == "/count":
+            return _reply(start_response, b"%d" % state["waiting"])
+        return _reply(start_response, b"?")
+
+    return app

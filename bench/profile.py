@@ -1,0 +1,140 @@
+"""Where the bundled server spends its time: ``python -m bench.profile WHAT``.
+
+Starts ``asyncapp serve`` with one of the benchmark apps (pinned to CPU 0),
+drives it from CPU 1, samples it with py-spy (``pip install -e '.[bench]'``
+puts py-spy in the project's venv) and prints the functions with the most
+samples, by own time and including callees. WHAT is one of:
+
+* ``hello-plain``, ``hello-gen``, ``hello-async``, ``hello-green``:
+  ``wrk -t1 -c50`` against the hello app of that style;
+* ``upload-gen`` (or another style): 100 MiB Content-Length uploads;
+* ``suspend-raw``, ``suspend-gen``, ...: 1,000 readiness waits per request.
+
+py-spy samples the server's Python stacks; time spent in a system call is
+charged to the Python function that made it (``Connection.write`` is the
+``send``). Greenlet stacks cannot be unwound: their samples show as
+``(greenlet)``. Every process started is killed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench.__main__ import LOAD_CPUS, ROOT, free_port, main_python, run_load, running
+
+_LINE = re.compile(r" \(([^()]*?)(?::\d+)?\)$")
+
+
+def _py_spy() -> str:
+    for candidate in (
+        Path(sys.executable).parent / "py-spy",
+        ROOT / ".venv" / "bin" / "py-spy",
+        ROOT / ".bench-venv" / "bin" / "py-spy",
+    ):
+        if candidate.exists():
+            return str(candidate)
+    found = shutil.which("py-spy")
+    if found is None:
+        raise SystemExit("py-spy is missing: .venv/bin/pip install -e '.[bench]'")
+    return found
+
+
+def _frame(frame: str) -> str:
+    match = _LINE.search(frame)
+    if not match:
+        return frame or "(greenlet)"
+    where = match.group(1).replace(str(ROOT) + "/", "")
+    if "site-packages/" in where or "/lib/python" in where:
+        where = where.rsplit("/", 1)[-1]
+    return frame[: match.start()] + f" ({where})"
+
+
+def summarize(raw: str, top: int) -> str:
+    own: collections.Counter[str] = collections.Counter()
+    incl: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = [_frame(f) for f in stack.split(";")] if stack else ["(greenlet)"]
+        own[frames[-1]] += n
+        for name in set(frames):
+            incl[name] += n
+    if not total:
+        return "no samples (was the server busy?)"
+    out = [f"{total} samples", "", "own time:"]
+    out += [f"  {c * 100 / total:5.1f}%  {name}" for name, c in own.most_common(top)]
+    out += ["", "including callees:"]
+    out += [f"  {c * 100 / total:5.1f}%  {name}" for name, c in incl.most_common(top)]
+    return "\n".join(out)
+
+
+def _drive(kind: str, style: str, port: int, pid: int, seconds: float) -> None:
+    if kind == "hello":
+        cmd = ["wrk", "-t1", "-c50", f"-d{int(seconds) + 2}s", f"http://127.0.0.1:{port}/"]
+        run_load(cmd, seconds + 30)
+    elif kind == "upload":
+        cmd = [main_python(), "-m", "bench.upload_client", "--port", str(port)]
+        cmd += ["--pid", str(pid), "--mib", "100", "--repeat", str(max(5, int(seconds * 5)))]
+        run_load(cmd, seconds + 120)
+    else:
+        code = (
+            "import http.client, time\n"
+            f"c = http.client.HTTPConnection('127.0.0.1', {port})\n"
+            f"end = time.time() + {seconds + 1}\n"
+            "while time.time() < end:\n"
+            f"    c.request('GET', '/{style}?k=1000'); c.getresponse().read()\n"
+        )
+        run_load([main_python(), "-c", code], seconds + 30)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
+    parser.add_argument("what", help="hello-STYLE, upload-STYLE or suspend-STYLE")
+    parser.add_argument("--seconds", type=float, default=5.0, help="sampling time")
+    parser.add_argument("--rate", type=int, default=500, help="samples per second")
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args(argv)
+    kind, _, style = args.what.partition("-")
+    if kind not in ("hello", "upload", "suspend") or not style:
+        parser.error("WHAT is hello-STYLE, upload-STYLE or suspend-STYLE")
+    app = (
+        "bench.asyncapp_apps:suspend"
+        if kind == "suspend"
+        else f"bench.asyncapp_apps:{kind}_{style}"
+    )
+    port = free_port()
+    cmd = [main_python(), "-m", "asyncapp", "serve", app, "--port", str(port)]
+    cmd += ["--no-access-log", "--log-level", "warning"]
+    with tempfile.TemporaryDirectory(prefix="asyncapp-profile-") as tmp:
+        out = Path(tmp) / "stacks.txt"
+        with running(cmd, port, Path(tmp), "asyncapp") as pid:
+            load = threading.Thread(target=_drive, args=(kind, style, port, pid, args.seconds))
+            load.start()
+            time.sleep(0.5)  # let the load get going
+            record = [_py_spy(), "record", "--pid", str(pid), "-d", str(int(args.seconds))]
+            record += ["-r", str(args.rate), "-f", "raw", "-o", str(out)]
+            subprocess.run(record, capture_output=True, timeout=args.seconds + 60, check=False)
+            load.join(args.seconds + 150)
+        text = out.read_text() if out.exists() else ""
+    pinned = f", load on CPU {min(LOAD_CPUS)}" if LOAD_CPUS else ""
+    print(f"py-spy, {args.what}, {args.seconds:g} s at {args.rate}/s{pinned}")
+    print(summarize(text, args.top))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
