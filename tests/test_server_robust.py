@@ -1646,9 +1646,9 @@ def test_unix_domain_socket(tmp_path: Path) -> None:
 
 
 def ipv6_loopback() -> None:
-    """Fail (not skip) when ::1 is unusable on a Python that has IPv6."""
+    """Fail (never skip) when IPv6 loopback cannot be used."""
     if not socket.has_ipv6:
-        pytest.skip("this Python was built without IPv6 support")
+        pytest.fail("this Python was built without IPv6 support: IPv6 listening cannot be tested")
     try:
         with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
             probe.bind(("::1", 0))
