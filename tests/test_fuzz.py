@@ -40,6 +40,7 @@ from hypothesis import strategies as st
 
 from asyncapp.testing import live_server
 from fuzz.fuzz_request import (
+    FUZZ_CONFIG,
     SEEDS,
     STYLES,
     check_connection,
@@ -297,12 +298,13 @@ def live() -> Iterator[Any]:
         keepalive_timeout=LIVE_TIMEOUT,
         body_timeout=LIVE_TIMEOUT,
         shutdown_grace=1.0,
-        max_request_line=512,
-        max_header_size=512,
-        max_header_count=16,
-        max_head_size=2048,
-        max_body_size=4096,
-        max_drain=1024,
+        # The same small limits as the sans-IO pass, so both reach them.
+        max_request_line=FUZZ_CONFIG.max_request_line,
+        max_header_size=FUZZ_CONFIG.max_header_size,
+        max_header_count=FUZZ_CONFIG.max_header_count,
+        max_head_size=FUZZ_CONFIG.max_head_size,
+        max_body_size=FUZZ_CONFIG.max_body_size,
+        max_drain=FUZZ_CONFIG.max_drain,
     ) as server:
         yield server
 
