@@ -107,8 +107,9 @@ def _message(page: Any, text: str) -> Any:
 
 def test_chat_in_two_browser_pages() -> None:
     sync_playwright = _require_browser()
-    from examples.chat import app
     from playwright.sync_api import expect
+
+    from examples.chat import app
 
     ARTIFACTS.mkdir(exist_ok=True)
     page_errors: list[str] = []
