@@ -647,15 +647,15 @@ SEEDS: tuple[bytes, ...] = (
 
 
 def corpus_seeds(limit: int = 8192) -> list[bytes]:
-    """The shared request corpus (``../shared/corpus``), if it is there.
+    """The request corpus vendored in ``tests/corpus``.
 
     ``ASYNCAPP_CORPUS_DIR`` points elsewhere. Files larger than ``limit``
     are left out (the fuzzer's inputs stay small). Sorted, so a given
     corpus always gives the same list.
     """
-    root = Path(os.environ.get("ASYNCAPP_CORPUS_DIR", ROOT.parent / "shared" / "corpus"))
+    root = Path(os.environ.get("ASYNCAPP_CORPUS_DIR", ROOT / "tests" / "corpus"))
     if not root.is_dir():
-        return []
+        raise FileNotFoundError(f"the request corpus is missing: expected it at {root}")
     seeds = []
     for path in sorted(root.rglob("*.http")):
         data = path.read_bytes()

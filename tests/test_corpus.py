@@ -1,8 +1,9 @@
 """Replay the shared third-party request corpus against the bundled server.
 
-Every case of ``shared/corpus`` (gunicorn, llhttp and http-desync-guardian
-material; see its README) goes to a live server over a real loopback socket,
-one test per case, as the exact bytes of its ``.http`` file in one send. The
+Every case of ``tests/corpus`` (a copy of the team's ``shared/corpus``:
+gunicorn, llhttp and http-desync-guardian material; see its README) goes
+to a live server over a real loopback socket, one test per case, as the
+exact bytes of its ``.http`` file in one send. The
 app (:class:`corpus_support.Recorder`) records what each call saw and the
 test compares that with the case's JSON:
 
@@ -52,7 +53,9 @@ from asyncapp.testing import live_server
 
 pytestmark = pytest.mark.timeout(60)
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+#: A copy of the team's shared corpus (``shared/corpus``), vendored so that a
+#: clean clone tests against it; tests/corpus/README.md says where it came from.
+CORPUS = Path(__file__).resolve().parent / "corpus"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 #: The number of cases the corpus README announces.
 CASE_COUNT = 370

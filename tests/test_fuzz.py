@@ -1,7 +1,7 @@
 """Fuzzing the request path, bounded for CI (about 30-60 s in all).
 
 Inputs start from valid requests, smuggling shapes and the shared request
-corpus (``../shared/corpus``, when it is there), are mutated (header
+corpus (``tests/corpus``), are mutated (header
 lines and HTTP tokens inserted at line starts; bytes flipped, inserted,
 deleted, duplicated, spliced) and split into random segments. Three
 passes, each with the properties of ``fuzz/fuzz_request.py`` (which
