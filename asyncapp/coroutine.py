@@ -78,8 +78,9 @@ class StepDriver:
                     return bytes(out)
                 self.close()
                 raise _bad_yield(self._name, out)
-            step = out.perform()
             try:
+                # perform() may raise at once (a bad timeout): into the app too.
+                step = out.perform()
                 token = step.send(None)
             except StopIteration as stop:
                 send, exc = stop.value, None

@@ -152,18 +152,28 @@ def _resolve(environ: Environ, fd: Any) -> Any:
 
 
 def wait(environ: Environ, fd: FdLike, write: bool, timeout: float | None) -> Steps:
-    """Wait until ``fd`` is readable (or writable); return False on timeout."""
+    """Wait until ``fd`` is readable (or writable); return False on timeout.
+
+    Not a generator itself but the host's: a held wait keeps one frame
+    fewer alive (a quarter KB per long poll).
+    """
     if timeout is not None and not timeout >= 0:
         raise UsageError(f"timeout must be None or >= 0 seconds, not {timeout!r}")
     target = _resolve(environ, fd)
     if target is _READY_NOW:
-        return True
+        return _returning(True)
     kind = host_kind(environ)
     if kind == "async":
-        return (yield from _async_wait(environ, target, write, timeout))
+        return _async_wait(environ, target, write, timeout)
     if kind == "fdevent":
-        return (yield from _fdevent_wait(environ, _fileno(target), write, timeout))
-    return poll(_fileno(target), write, timeout)
+        return _fdevent_wait(environ, _fileno(target), write, timeout)
+    return _returning(poll(_fileno(target), write, timeout))
+
+
+def _returning(value: bool) -> Steps:
+    """Steps that end at once with ``value``."""
+    return value
+    yield b""  # unreachable: it makes this a generator
 
 
 def _async_wait(environ: Environ, target: Any, write: bool, timeout: float | None) -> Steps:

@@ -55,8 +55,9 @@ class Read(Op[bytes]):
         self.input = input
 
     def perform(self) -> Generator[bytes, None, bytes]:
-        data: bytes = yield from hosts.read(self.environ, self.size, self.timeout, self.input)
-        return data
+        # The host's steps themselves, not a generator around them: one
+        # frame fewer per suspended app.
+        return hosts.read(self.environ, self.size, self.timeout, self.input)
 
     def __repr__(self) -> str:
         return f"<asyncapp.read size={self.size} timeout={self.timeout}>"
@@ -72,8 +73,7 @@ class Readable(Op[bool]):
         self.timeout = timeout
 
     def perform(self) -> Generator[bytes, None, bool]:
-        ready: bool = yield from hosts.wait(self.environ, self.fd, self._write, self.timeout)
-        return ready
+        return hosts.wait(self.environ, self.fd, self._write, self.timeout)
 
     def __repr__(self) -> str:
         kind = "writable" if self._write else "readable"
@@ -93,7 +93,7 @@ class Sleep(Op[None]):
         self.seconds = seconds
 
     def perform(self) -> Generator[bytes, None, None]:
-        yield from hosts.sleep(self.environ, self.seconds)
+        return hosts.sleep(self.environ, self.seconds)
 
     def __repr__(self) -> str:
         return f"<asyncapp.sleep {self.seconds}s>"

@@ -102,8 +102,10 @@ class _FdEntry:
 
     def __init__(self, identity: tuple[int, int] | None) -> None:
         self.identity = identity
-        self.readers: list[Watch] = []
-        self.writers: list[Watch] = []
+        # Lists only once someone watches: a connection's own fd has only
+        # persistent handlers, and two empty lists are 0.1 KB per connection.
+        self.readers: list[Watch] | tuple[()] = ()
+        self.writers: list[Watch] | tuple[()] = ()
         self.on_read: Callable[[], None] | None = None
         self.on_write: Callable[[], None] | None = None
 
@@ -158,7 +160,15 @@ class Loop:
                 self._sweep()
                 return self.watch(fd, write, callback)
         w = Watch(fd, write, callback)
-        (entry.writers if write else entry.readers).append(w)
+        if write:
+            if entry.writers:
+                entry.writers.append(w)
+            else:
+                entry.writers = [w]
+        elif entry.readers:
+            entry.readers.append(w)
+        else:
+            entry.readers = [w]
         new_mask = entry.mask()
         if new_mask != old_mask:
             try:
@@ -213,7 +223,7 @@ class Loop:
         with contextlib.suppress(KeyError, OSError, ValueError):
             self.selector.unregister(fd)
         error = OSError(errno.EBADF, f"fd {fd} was closed while waited on")
-        for w in entry.readers + entry.writers:
+        for w in (*entry.readers, *entry.writers):
             self.call_soon(_bind(w.callback, error))
 
     def unwatch(self, w: Watch) -> None:
@@ -225,6 +235,8 @@ class Loop:
         if entry is None:
             return
         waiters = entry.writers if w.write else entry.readers
+        if not waiters:
+            return
         try:
             waiters.remove(w)
         except ValueError:
@@ -251,10 +263,10 @@ class Loop:
         if entry.on_read is None and entry.on_write is None:
             if events & _EVENT_READ and entry.readers:
                 fired = entry.readers
-                entry.readers = []
+                entry.readers = ()
             if events & _EVENT_WRITE and entry.writers:
                 fired = fired + entry.writers
-                entry.writers = []
+                entry.writers = ()
         else:
             # A persistent handler may consume what made the fd ready and
             # start an app that watches the same fd: only the watches that
@@ -271,7 +283,7 @@ class Loop:
             if not before or self._fds.get(fd) is not entry:
                 return
             for name in ("readers", "writers"):
-                waiters: list[Watch] = getattr(entry, name)
+                waiters: list[Watch] | tuple[()] = getattr(entry, name)
                 if waiters:
                     woken = [w for w in waiters if id(w) in before]
                     if woken:
@@ -297,7 +309,7 @@ class Loop:
                 with contextlib.suppress(KeyError, OSError, ValueError):
                     self.selector.unregister(fd)
                 self._fds.pop(fd, None)
-                for w in entry.readers + entry.writers:
+                for w in (*entry.readers, *entry.writers):
                     self.call_soon(_bind(w.callback, error))
 
     @property
@@ -364,6 +376,24 @@ class AppTask:
     only, one registration per fd, timeout flag replaced in the environ dict.
     """
 
+    __slots__ = (
+        "_fdevent_flag",
+        "_handle",
+        "_on_chunk",
+        "_on_done",
+        "_timer",
+        "_watch",
+        "done",
+        "environ",
+        "iterable",
+        "loop",
+        "own_input",
+        "paused",
+        "quirks",
+        "reader",
+        "result",
+    )
+
     def __init__(
         self,
         loop: Loop,
@@ -373,16 +403,16 @@ class AppTask:
         reader: Any = None,
         extensions: Iterable[str] = ("async", "fdevent"),
         quirks: str | None = None,
-        on_chunk: Callable[[bytes], bool | None],
-        on_done: Callable[[BaseException | None], None],
+        on_chunk: Callable[[bytes], bool | None] | None = None,
+        on_done: Callable[[BaseException | None], None] | None = None,
     ) -> None:
         self.loop = loop
         self.environ = environ
         self.own_input = own_input
         self.reader = reader
         self.quirks = quirks
-        self.on_chunk = on_chunk
-        self.on_done = on_done
+        self._on_chunk = on_chunk
+        self._on_done = on_done
         self.iterable: Iterator[bytes] | None = None
         #: What the app returned; PEP 3333 closes this, not ``iter()`` of it.
         self.result: Iterable[bytes] | None = None
@@ -405,6 +435,19 @@ class AppTask:
             environ[FDEVENT_TIMEOUT] = None if quirks == "uwsgi" else self._fdevent_flag
             if quirks == "uwsgi":
                 environ["uwsgi.version"] = b"2.0-imitated"
+
+    # -- what the host does with the app's output ---------------------------
+    # A host passes on_chunk/on_done, or subclasses and overrides these (the
+    # bundled server's Exchange is its own task: one object per request).
+    def deliver(self, data: bytes) -> bool | None:
+        """A non-empty body chunk; ``False`` pauses the app until :meth:`resume_output`."""
+        assert self._on_chunk is not None, "AppTask needs on_chunk or a deliver() override"
+        return self._on_chunk(data)
+
+    def finished(self, error: BaseException | None) -> None:
+        """The iterable ended (``None``), raised (the error), or was closed."""
+        assert self._on_done is not None, "AppTask needs on_done or a finished() override"
+        self._on_done(error)
 
     # -- the extension callables -------------------------------------------
     def async_input(self, wsgi_input: Any) -> Any:
@@ -526,7 +569,7 @@ class AppTask:
             while True:
                 chunk = next(iterator)
                 if chunk:
-                    if self.on_chunk(chunk) is False:
+                    if self.deliver(chunk) is False:
                         # The host's output is full: not resumed until
                         # resume_output(), so memory per request stays bounded.
                         self.paused = True
@@ -562,4 +605,4 @@ class AppTask:
             except Exception as close_error:
                 log.exception("error closing the app iterable")
                 error = error or close_error
-        self.on_done(error)
+        self.finished(error)

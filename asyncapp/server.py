@@ -207,8 +207,12 @@ class ServerInput(io.RawIOBase):
             return len(data)
 
 
-class Exchange:
-    """One request and its response on a connection."""
+class Exchange(AppTask):
+    """One request and its response on a connection.
+
+    It is also the :class:`AppTask` that runs the app: one object per request
+    rather than two, which matters for thousands of held long polls.
+    """
 
     __slots__ = (
         "body_done",
@@ -217,17 +221,14 @@ class Exchange:
         "chunked",
         "conn",
         "continue_sent",
-        "environ",
         "head",
         "headers",
         "headers_sent",
         "is_head",
         "keep_alive",
         "length_left",
-        "reader",
         "status",
         "status_code",
-        "task",
     )
 
     def __init__(self, conn: Connection, head: RequestHead) -> None:
@@ -245,15 +246,22 @@ class Exchange:
         self.chunked = False
         self.length_left: int | None = None
         self.bytes_sent = 0
-        self.reader = BodyReader(self)
-        self.task: AppTask | None = None
-        self.environ = self._environ()
+        reader = BodyReader(self)
+        self.reader = reader
+        environ = self._environ()
+        super().__init__(conn.server.loop, environ, own_input=environ["wsgi.input"], reader=reader)
 
     # -- the request side ------------------------------------------------
     def _environ(self) -> dict[str, Any]:
         head = self.head
         conn = self.conn
-        environ = conn.base_environ.copy()
+        environ = conn.server.base_environ.copy()
+        peer = conn.peer
+        if peer.__class__ is tuple:
+            environ["REMOTE_ADDR"] = peer[0]
+            environ["REMOTE_PORT"] = str(peer[1])
+        else:  # a Unix socket's peer is "" or a path
+            environ["REMOTE_ADDR"] = "127.0.0.1" if not peer else str(peer)
         path = head.path
         environ["REQUEST_METHOD"] = head.method
         environ["PATH_INFO"] = (unquote_to_bytes(path) if b"%" in path else path).decode("latin-1")
@@ -285,7 +293,7 @@ class Exchange:
             return None
         first = events[0]
         if first is END:
-            events.popleft()
+            events.pop(0)
             self.body_done = True
             self.conn.body_finished()
             return b""
@@ -294,7 +302,7 @@ class Exchange:
         assert isinstance(first, bytes)
         self.body_read = True
         if len(first) <= size:
-            events.popleft()
+            events.pop(0)
             self.conn.buffered_body -= len(first)
             return first
         events[0] = first[size:]
@@ -308,18 +316,8 @@ class Exchange:
 
     # -- running the app ---------------------------------------------------
     def run(self, app: WSGIApp) -> None:
-        environ = self.environ
-        task = AppTask(
-            self.conn.server.loop,
-            environ,
-            own_input=environ["wsgi.input"],
-            reader=self.reader,
-            on_chunk=self.send_body,
-            on_done=self.app_done,
-        )
-        self.task = task
         try:
-            result = app(environ, self.start_response)
+            result = app(self.environ, self.start_response)
         except Exception as error:
             self.app_done(error)
             return
@@ -330,8 +328,8 @@ class Exchange:
             and not self.headers_sent
         ):
             # The common `return [body]`: its length is known, so it goes
-            # out with a Content-Length in one send, with no task at all.
-            task.done = True
+            # out with a Content-Length in one send, with no stepping at all.
+            self.done = True
             try:
                 self.send_body(result[0], whole=True)  # type: ignore[index,unused-ignore]
             except Exception as error:  # [str], bad headers: a 500, not a dead loop
@@ -340,12 +338,15 @@ class Exchange:
             self.app_done(None)
             return
         try:
-            task.result = result
-            task.iterable = iter(result)
+            self.result = result
+            self.iterable = iter(result)
         except Exception as error:  # None, an int: not an iterable
             self.app_done(error)
             return
-        task.step()
+        self.step()
+        if not self.done:
+            # Suspended, perhaps for minutes (a long poll): hold no parser.
+            self.conn.parser.release_if_idle()
 
     def start_response(
         self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
@@ -468,8 +469,7 @@ class Exchange:
 
     def app_done(self, error: BaseException | None) -> None:
         conn = self.conn
-        if self.task is not None:
-            self.task.done = True
+        self.done = True
         if conn.closed:
             conn.exchange_finished(self)
             return
@@ -519,6 +519,10 @@ class Exchange:
             conn.close_after_flush()
         conn.exchange_finished(self)
 
+    # The AppTask hooks: body chunks and the end of the app.
+    deliver = send_body
+    finished = app_done
+
     def log_access(self) -> None:
         server = self.conn.server
         if not server.config.access_log or not access_log.isEnabledFor(logging.INFO):
@@ -542,7 +546,6 @@ class Connection:
 
     __slots__ = (
         "_processing",
-        "base_environ",
         "buffered_body",
         "closed",
         "closing",
@@ -578,13 +581,6 @@ class Connection:
         #: A malformed request after complete ones: answered once they are.
         self.pending_error: ProtocolError | None = None
         self.deadline: float | None = time.monotonic() + server.config.header_timeout
-        environ = server.base_environ.copy()
-        if isinstance(peer, tuple):
-            environ["REMOTE_ADDR"] = peer[0]
-            environ["REMOTE_PORT"] = str(peer[1])
-        else:
-            environ["REMOTE_ADDR"] = "127.0.0.1" if not peer else str(peer)
-        self.base_environ = environ
         self._set_reading(True)
 
     # -- reading ---------------------------------------------------------------
@@ -718,7 +714,7 @@ class Connection:
                     # queued (on_writable resumes them): `return [body]` has
                     # no task to pause, so nothing else bounds self.out.
                     break
-                event = events.popleft()
+                event = events.pop(0)
                 if isinstance(event, RequestHead):
                     self.deadline = None
                     self.exchange = Exchange(self, event)
@@ -766,7 +762,7 @@ class Connection:
     def _drain(self) -> None:
         events = self.parser.events
         while events:
-            event = events.popleft()
+            event = events.pop(0)
             if event is END:
                 return
             if event.__class__ is bytes:
@@ -824,8 +820,8 @@ class Connection:
 
     def _resume_app(self) -> None:
         exchange = self.exchange
-        if exchange is not None and exchange.task is not None:
-            exchange.task.resume_output()
+        if exchange is not None:
+            exchange.resume_output()
         elif exchange is None and not self.closing:
             self.process()  # pipelined requests held back while output was full
 
@@ -839,11 +835,11 @@ class Connection:
     def lost(self) -> None:
         """The peer is gone (reset, EOF while reading the body)."""
         exchange = self.exchange
-        if exchange is not None and exchange.task is not None and not exchange.task.done:
+        if exchange is not None and not exchange.done:
             # Also called from inside the app's own read or write(): close
             # the app from the loop, never from under its running frame.
             self.exchange = None
-            self.server.loop.call_soon(exchange.task.close)
+            self.server.loop.call_soon(exchange.close)
         self.abort()
 
     def abort(self) -> None:
@@ -861,8 +857,8 @@ class Connection:
         with contextlib.suppress(OSError):
             self.sock.close()
         self.server.connection_closed(self)
-        if exchange is not None and exchange.task is not None and not exchange.task.done:
-            exchange.task.close()  # the app iterable is closed promptly
+        if exchange is not None and not exchange.done:
+            exchange.close()  # the app iterable is closed promptly
 
     def check_deadline(self, now: float) -> None:
         deadline = self.deadline

@@ -923,6 +923,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--runs", type=int, default=None, help="runs per server (default 3; quick 1)"
     )
     parser.add_argument("--n", type=int, default=None, help="held long polls (10,000; quick 1,000)")
+    parser.add_argument(
+        "--servers",
+        default=None,
+        help="comma-separated server names (default all); keep the peers the ratios need",
+    )
     parser.add_argument("--output", default=None, help="report path (default bench/results/)")
     parser.add_argument(
         "--from-json", default=None, help="only re-render the report of a saved run (its .json)"
@@ -940,6 +945,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = set(only) - set(SCENARIOS)
     if unknown:
         parser.error(f"unknown scenario(s) {', '.join(sorted(unknown))}; pick from {SCENARIOS}")
+    if args.servers:
+        wanted = [x.strip() for x in args.servers.split(",") if x.strip()]
+        known = {server.name for server in SERVERS}
+        if set(wanted) - known:
+            bad = sorted(set(wanted) - known)
+            parser.error(f"unknown server(s) {bad}; pick from {sorted(known)}")
+        SERVERS[:] = [server for server in SERVERS if server.name in wanted]
     settings = Settings.make(args.quick, args.runs, args.n)
     if "hello" in only and shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install -y wrk (or --only without hello)")

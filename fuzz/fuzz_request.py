@@ -199,7 +199,7 @@ def run_parser(data: bytes, cuts: Iterable[int], config: Config = FUZZ_CONFIG) -
         # Anything else raised by feed() propagates: a bug. Events queued
         # before an error are still valid (the server serves them first).
         while parser.events:
-            event = parser.events.popleft()
+            event = parser.events.pop(0)
             if isinstance(event, RequestHead):
                 assert head is None, "a head before the previous message's END"
                 assert not ended_closing, "a request parsed after one that closes"
