@@ -161,6 +161,7 @@ class _WaitOp(Op[T], Generic[T]):
                 if done:
                     return result
                 wakeup = signal.hold()
+            del result  # not kept alive in this frame while it waits
             try:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 ready = yield from hosts.wait(self.environ, wakeup.read_fd, False, left)

@@ -176,24 +176,70 @@ def _returning(value: bool) -> Steps:
     yield b""  # unreachable: it makes this a generator
 
 
-def _async_wait(environ: Environ, target: Any, write: bool, timeout: float | None) -> Steps:
-    deadline = _deadline(timeout)
-    handle: WaitHandle = environ[ASYNC_WRITABLE if write else ASYNC_READABLE](target, timeout)
-    try:
-        yield b""
-    except BaseException:
+class _AsyncWait(Generator[bytes, None, bool]):
+    """The steps of one ``x-wsgiorg.async`` wait: call, yield ``b""``, decide.
+
+    Written as a class with the generator protocol rather than as a
+    generator function: a long poll holds this small object for minutes,
+    where a suspended generator would hold a whole frame (a quarter KB).
+    """
+
+    __slots__ = ("deadline", "environ", "handle", "target", "timeout", "write")
+
+    def __init__(self, environ: Environ, target: Any, write: bool, timeout: float | None) -> None:
+        self.environ: Environ | None = environ
+        self.target = target
+        self.write = write
+        self.timeout = timeout
+        self.deadline: float | None = None
+        self.handle: WaitHandle | None = None
+
+    def send(self, value: None) -> bytes:
+        handle = self.handle
+        environ = self.environ
+        if environ is None:
+            raise StopIteration  # finished, like an exhausted generator
+        if handle is None:
+            # The first step: ask the host, then hand it the b"".
+            timeout = self.timeout
+            self.deadline = _deadline(timeout)
+            key = ASYNC_WRITABLE if self.write else ASYNC_READABLE
+            try:
+                self.handle = environ[key](self.target, timeout)
+            except BaseException:
+                self.environ = None
+                raise
+            return b""
+        self.environ = None
+        status = handle.status
+        if status == "ready":
+            raise StopIteration(True)
+        if status == "timeout":
+            raise StopIteration(False)
+        if status == "error":
+            raise handle.error or OSError(errno.EBADF, "wait failed")
+        # Still pending: the b"" never reached the host. Stay correct, block.
         handle.cancel()
-        raise
-    status = handle.status
-    if status == "ready":
-        return True
-    if status == "timeout":
-        return False
-    if status == "error":
-        raise handle.error or OSError(errno.EBADF, "wait failed")
-    # Still pending: the b"" never reached the host. Stay correct, block.
-    handle.cancel()
-    return poll(_fileno(target), write, _remaining(deadline))
+        raise StopIteration(poll(_fileno(self.target), self.write, _remaining(self.deadline)))
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> bytes:
+        """An exception at the yield (the app is closed or cancelled): cancel."""
+        handle = self.handle
+        self.environ = None
+        if handle is not None:
+            handle.cancel()
+        if isinstance(typ, BaseException):
+            raise typ
+        raise typ if val is None else val
+
+    def close(self) -> None:
+        handle = self.handle
+        self.environ = None
+        if handle is not None:
+            handle.cancel()
+
+
+_async_wait = _AsyncWait
 
 
 def _fdevent_timeout(environ: Environ, seconds: float | None) -> float | int | None:

@@ -125,6 +125,12 @@ class RequestHead:
 Event = RequestHead | bytes | _End
 
 
+_VERSIONS: Final = {"1.1": "1.1", "1.0": "1.0"}
+_METHODS: Final = {
+    m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH")
+}
+
+
 class RequestParser:
     """Feed bytes from one connection; collect request events in order.
 
@@ -253,6 +259,7 @@ class RequestParser:
         self._in_head = False
         self._head_bytes = 0
         version = parser.get_http_version()
+        version = _VERSIONS.get(version, version)  # shared strings, not one per request
         if version not in ("1.1", "1.0"):
             if version.startswith("1."):
                 version = "1.1"  # a later 1.x is served as 1.1 (RFC 9110 2.5)
@@ -261,7 +268,8 @@ class RequestParser:
         head.version = version
         if version == "1.1" and not self._hosts:
             raise ProtocolError(400, "an HTTP/1.1 request needs a Host header")  # RFC 9112 3.2
-        head.method = parser.get_method().decode("ascii")
+        method = parser.get_method()
+        head.method = _METHODS.get(method) or method.decode("ascii")
         head.keep_alive = parser.should_keep_alive()
         head.target = url = self._url
         if url == b"*":

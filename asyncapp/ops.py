@@ -31,16 +31,47 @@ class Op(Generic[T]):
     __slots__ = ()
 
     def __iter__(self) -> Generator[Op[Any], Any, T]:
-        result: T = yield self
-        return result
+        return _Suspend(self)
 
     def __await__(self) -> Generator[Op[Any], Any, T]:
-        result: T = yield self
-        return result
+        return _Suspend(self)
 
     def perform(self) -> Generator[bytes, None, T]:
         """Carry the op out: yields ``b""`` to the host, returns the result."""
         raise NotImplementedError
+
+
+class _Suspend(Generator[Op[Any], Any, T]):
+    """What ``yield from op`` and ``await op`` delegate to: the op, once.
+
+    It hands the op to the driver, then returns what the driver sends back.
+    A class, not a generator: a suspended app holds this small object rather
+    than a generator frame. Exceptions the driver throws in are raised in the
+    app's own frame (``yield from`` does that for iterators without throw).
+    """
+
+    __slots__ = ("op",)
+
+    def __init__(self, op: Op[T]) -> None:
+        self.op: Op[T] | None = op
+
+    def __next__(self) -> Op[Any]:
+        op = self.op
+        if op is None:
+            raise StopIteration  # resumed with None
+        self.op = None
+        return op
+
+    def send(self, value: Any) -> Op[Any]:
+        if self.op is not None:
+            return self.__next__()  # the first step (value is None)
+        raise StopIteration(value)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Op[Any]:
+        self.op = None
+        if isinstance(typ, BaseException):
+            raise typ
+        raise typ if val is None else val
 
 
 class Read(Op[bytes]):

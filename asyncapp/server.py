@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any, Final
@@ -73,6 +73,9 @@ DEADLINE_SWEEP: Final = 0.25
 ACCEPT_BATCH: Final = 64
 
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+_PROTOCOLS: Final = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}
+#: Until start_response: shared, so a request that waits first holds no list.
+_NO_HEADERS: Final[tuple[tuple[str, str], ...]] = ()
 _NO_BODY_STATUS: Final = frozenset({204, 304})
 
 
@@ -239,7 +242,7 @@ class Exchange(AppTask):
         self.continue_sent = False
         self.status: str | None = None
         self.status_code = 0
-        self.headers: list[tuple[str, str]] = []
+        self.headers: Sequence[tuple[str, str]] = _NO_HEADERS
         self.headers_sent = False
         self.is_head = head.method == "HEAD"
         self.keep_alive = head.keep_alive and not conn.server.stopping
@@ -263,11 +266,15 @@ class Exchange(AppTask):
         else:  # a Unix socket's peer is "" or a path
             environ["REMOTE_ADDR"] = "127.0.0.1" if not peer else str(peer)
         path = head.path
+        raw_uri = head.target.decode("latin-1")
         environ["REQUEST_METHOD"] = head.method
-        environ["PATH_INFO"] = (unquote_to_bytes(path) if b"%" in path else path).decode("latin-1")
+        if b"%" in path:
+            environ["PATH_INFO"] = unquote_to_bytes(path).decode("latin-1")
+        else:  # commonly the whole target: one string for both keys
+            environ["PATH_INFO"] = raw_uri if path == head.target else path.decode("latin-1")
         environ["QUERY_STRING"] = head.query.decode("latin-1")
-        environ["RAW_URI"] = head.target.decode("latin-1")
-        environ["SERVER_PROTOCOL"] = "HTTP/" + head.version
+        environ["RAW_URI"] = raw_uri
+        environ["SERVER_PROTOCOL"] = _PROTOCOLS.get(head.version) or "HTTP/" + head.version
         keys = _ENVIRON_KEYS
         for name, value in head.headers:
             key = keys.get(name)
@@ -279,6 +286,8 @@ class Exchange(AppTask):
                 environ[key] = environ[key] + separator + text
             else:
                 environ[key] = text
+        # The environ has them now; a held request need not keep both copies.
+        head.headers.clear()
         environ["wsgi.input"] = ServerInput(self.reader, conn.server.config.body_timeout)
         return environ
 
