@@ -48,11 +48,15 @@ class StepDriver:
     an :class:`~asyncapp.ops.Op`; ``StopIteration`` ends the body.
     """
 
-    __slots__ = ("_name", "_step")
+    __slots__ = ("_step",)
 
-    def __init__(self, name: str) -> None:
-        self._name = name
+    def __init__(self) -> None:
         self._step: Generator[bytes, None, Any] | None = None
+
+    @property
+    def _name(self) -> str:
+        """The app's name, for error messages (computed only when one is raised)."""
+        raise NotImplementedError
 
     def __iter__(self) -> StepDriver:
         return self
@@ -69,10 +73,13 @@ class StepDriver:
             except Exception as error:
                 exc = error
             self._step = None
+        return self._carry_out(self._advance(send, exc))
+
+    def _carry_out(self, out: Any) -> bytes:
+        """Return body bytes, or start operations until one suspends (its ``b""``)."""
         while True:
-            out: Any = self._advance(send, exc)
             if out.__class__ is bytes:
-                return out  # type: ignore[no-any-return,unused-ignore]
+                return out
             if not isinstance(out, Op):
                 if isinstance(out, bytes):  # a bytes subclass is still body
                     return bytes(out)
@@ -84,12 +91,14 @@ class StepDriver:
                 token = step.send(None)
             except StopIteration as stop:
                 send, exc = stop.value, None
-                continue
             except Exception as error:
                 send, exc = None, error
-                continue
-            self._step = step
-            return token
+            else:
+                self._step = step
+                return token
+            # Resumed outside the except blocks: the app's own exceptions
+            # must not be chained to the StopIteration that carried a result.
+            out = self._advance(send, exc)
 
     def _advance(self, send: Any, exc: BaseException | None) -> Any:
         raise NotImplementedError
@@ -108,16 +117,30 @@ class Driver(StepDriver):
 
     __slots__ = ("_agen", "_aw", "_gen")
 
-    def __init__(self, app: AppGenerator | AppAsyncGenerator) -> None:
-        self._gen: AppGenerator | None = None
-        self._agen: AppAsyncGenerator | None = None
+    def __init__(self, app: AppGenerator | AppAsyncGenerator, is_async: bool | None = None) -> None:
+        self._step = None
         self._aw: Any = None  # the in-flight asend() of an async generator
-        if inspect.isasyncgen(app):
-            self._agen = app
-            super().__init__(app.__qualname__)
+        if inspect.isasyncgen(app) if is_async is None else is_async:
+            self._agen: AppAsyncGenerator | None = app  # type: ignore[assignment]
+            self._gen: AppGenerator | None = None
         else:
             self._gen = app  # type: ignore[assignment]
-            super().__init__(getattr(app, "__qualname__", "app"))
+            self._agen = None
+
+    @property
+    def _name(self) -> str:
+        return getattr(self._gen or self._agen, "__qualname__", "app")
+
+    def __next__(self) -> bytes:
+        if self._step is not None:
+            return StepDriver.__next__(self)
+        # The commonest step: no operation in flight, so the app is resumed
+        # straight away (for a generator, one Python frame rather than three).
+        gen = self._gen
+        out = gen.send(None) if gen is not None else self._advance(None, None)
+        if out.__class__ is bytes:
+            return out
+        return self._carry_out(out)
 
     def _advance(self, send: Any, exc: BaseException | None) -> Any:
         gen = self._gen
@@ -157,7 +180,8 @@ class Driver(StepDriver):
     def close(self) -> None:
         """Cancel the wait in progress, then close the app (PEP 3333 ``close``)."""
         try:
-            self._cancel_step()
+            if self._step is not None:
+                self._cancel_step()
         finally:
             if self._gen is not None:
                 self._gen.close()
@@ -219,8 +243,10 @@ def coroutine(func: Callable[..., Any]) -> WSGIApp:
             "chunks, e.g. 'yield b\"hello\"'"
         )
 
+    is_async = inspect.isasyncgenfunction(func)  # decided once, not per request
+
     @functools.wraps(func)
     def wsgi_app(*args: Any) -> Driver:
-        return Driver(func(*args))
+        return Driver(func(*args), is_async)
 
     return wsgi_app

@@ -19,7 +19,7 @@ PEP 3333 asks of a server (no CR/LF in what the app sends).
 from __future__ import annotations
 
 import re
-from typing import Final
+from typing import Final, NamedTuple
 
 import httptools
 
@@ -32,6 +32,8 @@ __all__ = [
     "RequestParser",
     "ResponseError",
     "chunk",
+    "AppHeaders",
+    "prepare_headers",
     "response_head",
 ]
 
@@ -383,6 +385,66 @@ def check_header(name: str, value: str) -> None:
             _good_names.add(name)
     if not isinstance(value, str) or _BAD_VALUE.search(value):
         raise ResponseError(f"invalid value for header {name!r}: control characters or CR/LF")
+
+
+class AppHeaders(NamedTuple):
+    """An app's response header list, checked and serialised once."""
+
+    #: The fields as they go on the wire, hop-by-hop ones left out.
+    block: str
+    #: The app's Content-Length, if it gave one.
+    content_length: int | None
+    #: The app sent ``Connection: close``.
+    close: bool
+
+
+_prepared: dict[tuple[tuple[str, str], ...], AppHeaders] = {}
+
+
+def prepare_headers(headers: list[tuple[str, str]]) -> AppHeaders:
+    """Check an app's ``start_response`` header list and serialise it.
+
+    Raises :class:`ResponseError` for anything that is not a list of
+    ``(name, value)`` string pairs with a token name and a value without
+    control characters, or for a Content-Length that is not a number.
+    Most apps send the same few header lists again and again: the result is
+    cached by value (up to a bound), so a repeated list costs a lookup.
+    """
+    if not isinstance(headers, list):
+        raise ResponseError(f"response headers must be a list, not {type(headers).__name__}")
+    try:
+        key = tuple(headers)
+        cached = _prepared.get(key)
+    except TypeError:  # an unhashable item: not a (str, str) tuple, reported below
+        key = None
+        cached = None
+    if cached is not None:
+        return cached
+    lines = []
+    length: int | None = None
+    close = False
+    for item in headers:
+        if not (isinstance(item, tuple) and len(item) == 2):
+            raise ResponseError(f"response header {item!r} is not a (name, value) tuple")
+        name, value = item
+        check_header(name, value)
+        lname = name.lower()
+        if lname in HOP_BY_HOP:
+            if lname == "connection" and "close" in value.lower():
+                close = True
+            continue
+        if lname == "content-length":
+            try:
+                length = int(value)
+            except ValueError:
+                raise ResponseError(f"invalid Content-Length {value!r}") from None
+            if length < 0:
+                raise ResponseError(f"invalid Content-Length {value!r}")
+        lines.append(f"{name}: {value}\r\n")
+    prepared = AppHeaders("".join(lines), length, close)
+    if key is not None and len(_prepared) < _CACHE_MAX:
+        _prepared[key] = prepared
+    return prepared
 
 
 def response_head(version: str, status: str, headers: list[tuple[str, str]]) -> bytes:

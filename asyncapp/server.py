@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import io
 import logging
 import os
@@ -33,24 +34,25 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any, Final
 from urllib.parse import unquote_to_bytes
 
 from .config import Config
+from .coroutine import Driver
 from .hosts import poll
 from .http11 import (
     END,
-    HOP_BY_HOP,
+    AppHeaders,
     ProtocolError,
     RequestHead,
     RequestParser,
     ResponseError,
-    check_header,
     check_status,
     chunk,
+    prepare_headers,
     response_head,
 )
 from .scheduler import AppTask, Loop
@@ -74,8 +76,6 @@ ACCEPT_BATCH: Final = 64
 
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _PROTOCOLS: Final = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}
-#: Until start_response: shared, so a request that waits first holds no list.
-_NO_HEADERS: Final[tuple[tuple[str, str], ...]] = ()
 _NO_BODY_STATUS: Final = frozenset({204, 304})
 
 
@@ -242,7 +242,7 @@ class Exchange(AppTask):
         self.continue_sent = False
         self.status: str | None = None
         self.status_code = 0
-        self.headers: Sequence[tuple[str, str]] = _NO_HEADERS
+        self.headers: AppHeaders | None = None
         self.headers_sent = False
         self.is_head = head.method == "HEAD"
         self.keep_alive = head.keep_alive and not conn.server.stopping
@@ -348,7 +348,8 @@ class Exchange(AppTask):
             return
         try:
             self.result = result
-            self.iterable = iter(result)
+            # A @coroutine app's driver is its own iterator.
+            self.iterable = result if result.__class__ is Driver else iter(result)
         except Exception as error:  # None, an int: not an iterable
             self.app_done(error)
             return
@@ -368,15 +369,10 @@ class Exchange(AppTask):
                 exc_info = None
         elif self.status is not None:
             raise ResponseError("start_response called a second time without exc_info")
-        self.status_code = check_status(status)
-        if not isinstance(headers, list):
-            raise ResponseError(f"response headers must be a list, not {type(headers).__name__}")
-        for item in headers:
-            if not (isinstance(item, tuple) and len(item) == 2):
-                raise ResponseError(f"response header {item!r} is not a (name, value) tuple")
-            check_header(*item)
+        code = check_status(status)
+        self.headers = prepare_headers(headers)
+        self.status_code = code
         self.status = status
-        self.headers = headers
         return self.write
 
     def write(self, data: bytes) -> None:
@@ -393,20 +389,12 @@ class Exchange(AppTask):
         if self.status is None:
             raise ResponseError("the app sent body data before calling start_response()")
         code = self.status_code
-        lines = [f"HTTP/{head.version} {self.status}\r\n"]
-        length: int | None = None
-        for name, value in self.headers:
-            lname = name.lower()
-            if lname in HOP_BY_HOP:
-                if lname == "connection" and "close" in value.lower():
-                    self.keep_alive = False
-                continue
-            if lname == "content-length":
-                try:
-                    length = int(value)
-                except ValueError:
-                    raise ResponseError(f"invalid Content-Length {value!r}") from None
-            lines.append(f"{name}: {value}\r\n")
+        app_headers = self.headers
+        assert app_headers is not None
+        lines = [f"HTTP/{head.version} {self.status}\r\n", app_headers.block]
+        length = app_headers.content_length
+        if app_headers.close:
+            self.keep_alive = False
         body_allowed = not (code < 200 or code in _NO_BODY_STATUS)
         if length is None and body_allowed:
             if whole:
@@ -450,7 +438,7 @@ class Exchange(AppTask):
                     "%s %s: the app sent more than its Content-Length (%d); "
                     "truncated, connection closed",
                     self.head.method,
-                    self.environ["RAW_URI"],
+                    self.head.target.decode("latin-1"),
                     self.bytes_sent + left,
                 )
                 data = data[:left]
@@ -490,7 +478,7 @@ class Exchange(AppTask):
                 log.error(
                     "Error in app for %s %s\n%s",
                     self.head.method,
-                    self.environ["RAW_URI"],
+                    self.head.target.decode("latin-1"),
                     "".join(traceback.format_exception(error)),
                 )
             if self.headers_sent:
@@ -519,7 +507,7 @@ class Exchange(AppTask):
             log.error(
                 "%s %s: the app sent %d bytes fewer than its Content-Length; connection closed",
                 self.head.method,
-                self.environ["RAW_URI"],
+                self.head.target.decode("latin-1"),
                 self.length_left,
             )
             self.keep_alive = False
@@ -527,6 +515,17 @@ class Exchange(AppTask):
         if not self.keep_alive:
             conn.close_after_flush()
         conn.exchange_finished(self)
+
+    def detach(self) -> None:
+        """Drop the references that make a finished request a cycle.
+
+        The environ holds this object's bound methods (the extensions) and
+        its input, whose reader points back here: without this, every
+        request would wait for the cyclic garbage collector, and with ten
+        thousand held long polls a full collection takes a fifth of a second.
+        """
+        self.environ = None  # type: ignore[assignment]
+        self.own_input = self.reader = self.result = self.iterable = None
 
     # The AppTask hooks: body chunks and the end of the app.
     deliver = send_body
@@ -744,6 +743,7 @@ class Connection:
             self._set_reading(self._want_reading())
 
     def exchange_finished(self, exchange: Exchange) -> None:
+        exchange.detach()
         if self.exchange is not exchange:
             return
         self.exchange = None
@@ -978,6 +978,9 @@ class Server:
             self.bind()
         loop = self.loop
         previous: dict[int, Any] = {}
+        gc_before = gc.get_threshold()
+        if self.config.gc_threshold is not None:
+            gc.set_threshold(self.config.gc_threshold, *gc_before[1:])
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 previous[int(signum)] = signal.signal(signum, self._on_signal)
@@ -998,6 +1001,8 @@ class Server:
         finally:
             for number, handler in previous.items():
                 signal.signal(number, handler)
+            if self.config.gc_threshold is not None:
+                gc.set_threshold(*gc_before)
             self._close_everything()
 
     def _on_signal(self, signum: int, frame: Any) -> None:

@@ -8,7 +8,9 @@ samples, by own time and including callees. WHAT is one of:
 * ``hello-plain``, ``hello-gen``, ``hello-async``, ``hello-green``:
   ``wrk -t1 -c50`` against the hello app of that style;
 * ``upload-gen`` (or another style): 100 MiB Content-Length uploads;
-* ``suspend-raw``, ``suspend-gen``, ...: 1,000 readiness waits per request.
+* ``suspend-raw``, ``suspend-gen``, ...: 1,000 readiness waits per request;
+* ``longpoll-gen`` (or another style): 10,000 held long polls released by
+  one publish, 10 rounds (holding, waking and answering them).
 
 py-spy samples the server's Python stacks; time spent in a system call is
 charged to the Python function that made it (``Connection.write`` is the
@@ -90,6 +92,10 @@ def _drive(kind: str, style: str, port: int, pid: int, seconds: float) -> None:
         cmd = [main_python(), "-m", "bench.upload_client", "--port", str(port)]
         cmd += ["--pid", str(pid), "--mib", "100", "--repeat", str(max(5, int(seconds * 5)))]
         run_load(cmd, seconds + 120)
+    elif kind == "longpoll":
+        cmd = [main_python(), "-m", "bench.longpoll_client", "--port", str(port)]
+        cmd += ["--pid", str(pid), "--n", "10000", "--rounds", "10", "--timeout", "120"]
+        run_load(cmd, seconds + 150)
     else:
         code = (
             "import http.client, time\n"
@@ -109,8 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args(argv)
     kind, _, style = args.what.partition("-")
-    if kind not in ("hello", "upload", "suspend") or not style:
-        parser.error("WHAT is hello-STYLE, upload-STYLE or suspend-STYLE")
+    if kind not in ("hello", "upload", "suspend", "longpoll") or not style:
+        parser.error("WHAT is hello-STYLE, upload-STYLE, longpoll-STYLE or suspend-STYLE")
     app = (
         "bench.asyncapp_apps:suspend"
         if kind == "suspend"
