@@ -73,7 +73,10 @@ class StepDriver:
             except Exception as error:
                 exc = error
             self._step = None
-        return self._carry_out(self._advance(send, exc))
+        out = self._advance(send, exc)
+        if out.__class__ is bytes:
+            return out
+        return self._carry_out(out)
 
     def _carry_out(self, out: Any) -> bytes:
         """Return body bytes, or start operations until one suspends (its ``b""``)."""

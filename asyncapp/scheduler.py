@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import heapq
 import itertools
 import logging
@@ -375,7 +376,8 @@ class Loop:
 
 
 def _bind(callback: Callable[[OSError | None], None], error: OSError | None) -> Callable[[], None]:
-    return lambda: callback(error)
+    # A partial, not a lambda: one Python frame fewer per woken waiter.
+    return functools.partial(callback, error)
 
 
 class AppTask:
