@@ -71,8 +71,8 @@ class Timer(list):  # type: ignore[type-arg]
 
     __slots__ = ()
 
-    def __init__(self, when: float, callback: Callable[[], None], seq: int = 0) -> None:
-        super().__init__((when, seq, callback))
+    # Made as ``Timer((when, seq, callback))`` with list's own constructor:
+    # a Python __init__ would cost a frame on every wait with a timeout.
 
     @property
     def when(self) -> float:
@@ -152,7 +152,7 @@ class Loop:
         self._ready.append(callback)
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
-        timer = Timer(time.monotonic() + delay, callback, next(self._seq))
+        timer = Timer((time.monotonic() + delay, next(self._seq), callback))
         heapq.heappush(self._timers, timer)
         return timer
 
