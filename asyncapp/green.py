@@ -353,7 +353,10 @@ def read(environ: Environ, size: int, timeout: float | None = None) -> bytes:
             raise UsageError(f"read size must be a positive int, not {size!r}")
         if timeout is not None and not timeout >= 0:
             raise UsageError(f"timeout must be None or >= 0 seconds, not {timeout!r}")
-        return inp.read1_with_timeout(size, timeout)
+        if inp.has_buffered():
+            return inp.read1_with_timeout(size, timeout)
+        # Nothing buffered: read the server's input itself, like asyncapp.read,
+        # without the BufferedReader's extra copy of every chunk.
     data: bytes = _suspend(Read(environ, size, timeout), "read")
     return data
 
