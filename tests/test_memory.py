@@ -236,14 +236,14 @@ def test_green_apps_reuse_greenlets_and_an_idle_one_keeps_nothing_of_its_app() -
 
     import greenlet
 
-    seen: list[int] = []
+    seen: list[greenlet.greenlet] = []  # the objects: an id() can be reused
     markers: list[weakref.ref[Marker]] = []
 
     @green.app
     def app(environ: Environ, start_response: StartResponse) -> list[bytes]:
         marker = Marker()
         markers.append(weakref.ref(marker))
-        seen.append(id(greenlet.getcurrent()))
+        seen.append(greenlet.getcurrent())
         green.sleep(environ, 0)  # a real suspension through the loop
         if environ["PATH_INFO"] == "/fail":
             raise RuntimeError("boom")  # its traceback holds this frame and marker
@@ -259,7 +259,7 @@ def test_green_apps_reuse_greenlets_and_an_idle_one_keeps_nothing_of_its_app() -
                 assert client.read_response().status == (500 if path == "/fail" else 200)
     # One greenlet served the three calls, one after another.
     assert len(seen) == 3
-    assert len(set(seen)) == 1, seen
+    assert seen[0] is seen[1] is seen[2], seen
     # Back in the pool it holds nothing of the apps, the failed one included.
     gc.collect()
     assert [ref() for ref in markers] == [None] * 3
@@ -270,20 +270,19 @@ def test_green_apps_get_a_fresh_greenlet_per_call_on_other_hosts() -> None:
 
     import greenlet
 
-    seen: list[int] = []
+    seen: list[greenlet.greenlet] = []  # the objects: an id() can be reused
 
     @green.app
     def app(environ: Environ, start_response: StartResponse) -> list[bytes]:
-        seen.append(id(greenlet.getcurrent()))
+        seen.append(greenlet.getcurrent())
         green.sleep(environ, 0)
         _reply(start_response, b"ok")
         return [b"ok"]
 
-    keep = []
     for _ in range(3):
         environ: Environ = {}
         wsgiref.util.setup_testing_defaults(environ)
         result = app(environ, lambda status, headers, exc_info=None: None)
         assert b"".join(result) == b"ok"
-        keep.append(result)  # the drivers (and their greenlets) stay alive: ids stay distinct
-    assert len(set(seen)) == 3, seen
+    assert len({id(glet) for glet in seen}) == 3, seen
+    assert all(glet.dead for glet in seen), "a greenlet of a blocking host was kept for reuse"
