@@ -183,8 +183,7 @@ class Driver(StepDriver):
     def close(self) -> None:
         """Cancel the wait in progress, then close the app (PEP 3333 ``close``)."""
         try:
-            if self._step is not None:
-                self._cancel_step()
+            self._cancel_step()
         finally:
             if self._gen is not None:
                 self._gen.close()

@@ -50,7 +50,7 @@ WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
 #: Handed up by a child greenlet that finished the body.
 _DONE: Final = object()
 
-#: Handed up by a child greenlet whose app raised: see ``failure``.
+#: Handed up by a child greenlet whose app raised: the error is its ``failure``.
 _FAILED: Final = object()
 
 #: Tries at making a closing app give up before it is reported as a bug.
@@ -61,15 +61,6 @@ _CLOSE_ATTEMPTS: Final = 3
 _POOL_MAX: Final = 256
 
 
-class _Failed:
-    """Handed up by an app greenlet whose app raised ``error``."""
-
-    __slots__ = ("error",)
-
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
-
-
 class _AppGreenlet(greenlet.greenlet):  # type: ignore[misc]
     """A greenlet that runs calls of ``@green.app`` apps, one after another.
 
@@ -77,8 +68,8 @@ class _AppGreenlet(greenlet.greenlet):  # type: ignore[misc]
     letting it finish cost about 13 µs, a switch about 1 µs, and a
     ``@green.app`` request makes at least two switches anyway. Each job is
     switched in as the first value; the greenlet hands up the job's outcome
-    (``_DONE`` or a :class:`_Failed`) and then waits in its thread's pool
-    for the next job, or ends when the pool is full.
+    (``_DONE``, or ``_FAILED`` with the error in ``failure``) and then waits
+    in its thread's pool for the next job, or ends when the pool is full.
 
     Only on an ``x-wsgiorg.async`` host (asyncapp's server and test host: one
     loop on one thread's stack). uWSGI's ugreen runs each request on its own
@@ -91,30 +82,34 @@ class _AppGreenlet(greenlet.greenlet):  # type: ignore[misc]
         self.reusable = reusable
         #: In its thread's pool, running no app.
         self.idle = False
-        self.failure: _Failed | None = None
+        #: The error of the last job, until the driver takes it.
+        self.failure: BaseException | None = None
 
-    def _serve(self, job: Callable[[], object]) -> object:
+    def _serve(self, job: Callable[[], None]) -> object:
         while True:
-            failure = None
+            outcome = _DONE
             try:
                 job()
             except greenlet.GreenletExit:  # closed while it waited: done
                 pass
             except BaseException as error:
-                failure = _Failed(error)
+                # Handed over through an attribute the driver clears, not a
+                # local, so that an idle greenlet keeps no traceback alive.
+                self.failure = error
+                outcome = _FAILED
             del job
             pool = _idle()
             if not self.reusable or len(pool) >= _POOL_MAX:
-                return failure or _DONE
+                return outcome
             pool.append(self)
             self.idle = True
-            if failure is None:
-                job = self.parent.switch(_DONE)
-            else:
-                # Handed over through an attribute the driver clears, so that
-                # an idle greenlet does not keep the app's traceback alive.
-                self.failure, failure = failure, None
-                job = self.parent.switch(_FAILED)
+            job = self.parent.switch(outcome)
+
+    def take_failure(self) -> BaseException:
+        """The error its last job raised (it hands up ``_FAILED``), once."""
+        error, self.failure = self.failure, None
+        assert error is not None
+        return error
 
 
 _local = threading.local()
@@ -212,11 +207,9 @@ def _may_have_body(environ: Environ) -> bool:
     )
 
 
-def _run(
-    app: WSGIApp, environ: Environ, start_response: StartResponse, _first: object = None
-) -> object:
+def _run(app: WSGIApp, environ: Environ, start_response: StartResponse, async_host: bool) -> None:
     green_input = None
-    if host_kind(environ) == "async" and _may_have_body(environ):
+    if async_host and _may_have_body(environ):
         green_input = environ["wsgi.input"] = GreenInput(environ, environ["wsgi.input"])
     try:
         result = app(environ, start_response)
@@ -232,7 +225,6 @@ def _run(
     finally:
         if green_input is not None:
             green_input.release_environ()
-    return _DONE
 
 
 class GreenDriver(StepDriver):
@@ -243,7 +235,8 @@ class GreenDriver(StepDriver):
     def __init__(self, app: WSGIApp, environ: Environ, start_response: StartResponse) -> None:
         super().__init__()
         self._app_name = getattr(app, "__qualname__", "app")
-        if host_kind(environ) == "async":
+        async_host = host_kind(environ) == "async"
+        if async_host:
             pool = _idle()
             child = pool.pop() if pool else _AppGreenlet(True)
             child.idle = False
@@ -253,8 +246,8 @@ class GreenDriver(StepDriver):
         child.gr_context = contextvars.copy_context()
         self._child: _AppGreenlet | None = child
         #: Switched in first: the call to run (then None).
-        self._job: Callable[[], object] | None = functools.partial(
-            _run, app, environ, start_response
+        self._job: Callable[[], None] | None = functools.partial(
+            _run, app, environ, start_response, async_host
         )
 
     @property
@@ -279,14 +272,12 @@ class GreenDriver(StepDriver):
         except BaseException:
             self._child = None
             raise
-        if out is _FAILED:
-            out, child.failure = child.failure, None
         if out is _DONE:
             self._child = None
             raise StopIteration
-        if out.__class__ is _Failed:
+        if out is _FAILED:
             self._child = None
-            raise out.error
+            raise child.take_failure()
         return out
 
     @staticmethod
@@ -310,13 +301,12 @@ class GreenDriver(StepDriver):
                 for attempt in range(_CLOSE_ATTEMPTS):
                     child.parent = greenlet.getcurrent()
                     out = child.throw(greenlet.GreenletExit)
-                    if out is _FAILED:
-                        out, child.failure = child.failure, None
-                    if out is _DONE or out.__class__ is _Failed or child.dead:
+                    if out is _DONE or out is _FAILED or child.dead:
+                        error = child.take_failure() if out is _FAILED else None
                         if attempt:  # it waited (or yielded) once more before ending
                             raise RuntimeError(f"{self._name} waited while being closed")
-                        if out.__class__ is _Failed:
-                            raise out.error
+                        if error is not None:
+                            raise error
                         break
                 else:
                     raise RuntimeError(f"{self._name} kept waiting while being closed")

@@ -164,7 +164,7 @@ def wait(environ: Environ, fd: FdLike, write: bool, timeout: float | None) -> St
         return _returning(True)
     kind = host_kind(environ)
     if kind == "async":
-        return _async_wait(environ, target, write, timeout)
+        return _AsyncWait(environ, target, write, timeout)
     if kind == "fdevent":
         return _fdevent_wait(environ, _fileno(target), write, timeout)
     return _returning(poll(_fileno(target), write, timeout))
@@ -237,9 +237,6 @@ class _AsyncWait(Generator[bytes, None, bool]):
         self.environ = None
         if handle is not None:
             handle.cancel()
-
-
-_async_wait = _AsyncWait
 
 
 def _fdevent_timeout(environ: Environ, seconds: float | None) -> float | int | None:
@@ -398,6 +395,6 @@ def read(environ: Environ, size: int, timeout: float | None, inp: Any = None) ->
             return bytes(reader.read(size))
         except BlockingIOError:
             pass
-        ready = yield from _async_wait(environ, reader, False, _remaining(deadline))
+        ready = yield from _AsyncWait(environ, reader, False, _remaining(deadline))
         if not ready:
             raise Timeout(f"no request body arrived within {timeout} seconds")

@@ -91,6 +91,16 @@ class WaitHandle:
         """True when the timeout elapsed before the fd was ready."""
         return self.status == "timeout"
 
+    def settle(self, status: WaitStatus, error: OSError | None = None) -> None:
+        """The host's side: record why the wait ended (``"ready"``, ...).
+
+        The canceller is dropped: a decided wait has nothing to cancel, and
+        the host's task it points to must not be kept alive by the app.
+        """
+        self.status = status
+        self.error = error
+        self._canceller = None
+
     def cancel(self) -> None:
         """Withdraw a pending wait; a no-op once the host decided."""
         if self.status == "pending":

@@ -545,9 +545,7 @@ class AppTask:
         handle = self._handle
         if handle is None or handle.status != "pending":
             return
-        handle.status = status
-        handle.error = error
-        handle._canceller = None  # decided: nothing to cancel, and no cycle back here
+        handle.settle(status, error)
         self._clear_wait()
         if self._fdevent_flag is not None:
             timed_out = status == "timeout"
@@ -618,8 +616,7 @@ class AppTask:
         self.done = True
         if self._handle is not None:
             self._handle.cancel()
-        if self._watch is not None or self._timer is not None:
-            self._clear_wait()
+        self._clear_wait()
         close = getattr(self.result if self.result is not None else self.iterable, "close", None)
         if close is not None:
             try:

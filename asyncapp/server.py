@@ -250,12 +250,11 @@ class Exchange(AppTask):
         self.length_left: int | None = None
         self.bytes_sent = 0
         reader = BodyReader(self)
-        self.reader = reader
-        environ = self._environ()
+        environ = self._environ(reader)
         super().__init__(conn.server.loop, environ, own_input=environ["wsgi.input"], reader=reader)
 
     # -- the request side ------------------------------------------------
-    def _environ(self) -> dict[str, Any]:
+    def _environ(self, reader: BodyReader) -> dict[str, Any]:
         head = self.head
         conn = self.conn
         environ = conn.server.base_environ.copy()
@@ -274,7 +273,7 @@ class Exchange(AppTask):
             environ["PATH_INFO"] = raw_uri if path == head.target else path.decode("latin-1")
         environ["QUERY_STRING"] = head.query.decode("latin-1")
         environ["RAW_URI"] = raw_uri
-        environ["SERVER_PROTOCOL"] = _PROTOCOLS.get(head.version) or "HTTP/" + head.version
+        environ["SERVER_PROTOCOL"] = _PROTOCOLS[head.version]  # the parser gives 1.1 or 1.0
         keys = _ENVIRON_KEYS
         for name, value in head.headers:
             key = keys.get(name)
@@ -288,7 +287,7 @@ class Exchange(AppTask):
                 environ[key] = text
         # The environ has them now; a held request need not keep both copies.
         head.headers.clear()
-        environ["wsgi.input"] = ServerInput(self.reader, conn.server.config.body_timeout)
+        environ["wsgi.input"] = ServerInput(reader, conn.server.config.body_timeout)
         return environ
 
     def has_body_event(self) -> bool:
