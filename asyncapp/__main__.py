@@ -34,6 +34,20 @@ def load_app(ref: str) -> Any:
     return target
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, not {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="asyncapp", description="asyncapp command line")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -55,19 +69,99 @@ def build_parser() -> argparse.ArgumentParser:
         help="logging level (default: info)",
     )
     defaults = Config()
-    serve.add_argument("--keepalive-timeout", type=float, default=defaults.keepalive_timeout)
-    serve.add_argument("--max-connections", type=int, default=defaults.max_connections)
-    serve.add_argument("--max-body-size", type=int, default=defaults.max_body_size)
+    serve.add_argument(
+        "--keepalive-timeout",
+        type=_seconds,
+        default=defaults.keepalive_timeout,
+        help="seconds an idle keep-alive connection is kept (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=_count,
+        default=defaults.max_connections,
+        help="open connections at most (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--max-body-size",
+        type=int,
+        default=defaults.max_body_size,
+        help="largest request body in bytes, 413 above (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--threads",
+        type=_count,
+        default=defaults.threads,
+        metavar="N",
+        help="threads for plain (blocking) WSGI apps; 0 runs them on the loop "
+        "(default: %(default)s)",
+    )
+    serve.add_argument(
+        "--send-timeout",
+        type=_seconds,
+        default=defaults.send_timeout,
+        metavar="S",
+        help="seconds a client may take no response bytes before it is "
+        "disconnected (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--forwarded-allow-ips",
+        default=defaults.forwarded_allow_ips,
+        metavar="LIST",
+        help="comma-separated addresses and networks, or *, whose X-Forwarded-* and "
+        "Forwarded headers are trusted (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--shutdown-grace",
+        type=_seconds,
+        default=None,
+        metavar="S",
+        help="seconds in-flight requests get after SIGINT/SIGTERM "
+        f"(default: {defaults.shutdown_grace:g}; with --reload: 1)",
+    )
+    serve.add_argument(
+        "--reload",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="for development: restart the server when a .py file changes "
+        "(needs: pip install 'asyncapp[reload]') (default: off)",
+    )
+    serve.add_argument(
+        "--reload-dir",
+        action="append",
+        default=None,
+        metavar="DIR",
+        help="with --reload, watch DIR; repeatable (default: the directory the app "
+        "is imported from)",
+    )
+    # Internal, for --reload: serve this inherited, already bound socket.
+    serve.add_argument("--fd", type=_count, default=None, help=argparse.SUPPRESS)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(arguments)
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    defaults = Config()
+    shutdown_grace = args.shutdown_grace
+    if args.reload:
+        from . import reload
+
+        if shutdown_grace is None:
+            shutdown_grace = reload.RELOAD_SHUTDOWN_GRACE
+        where = Config(
+            host=args.host,
+            port=args.port,
+            uds=args.uds,
+            fd=args.fd,
+            shutdown_grace=shutdown_grace,
+        )
+        return reload.run(arguments, args.app, where, args.reload_dir or [])
+
     from .server import Server
 
     app = load_app(args.app)
@@ -75,10 +169,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         host=args.host,
         port=args.port,
         uds=args.uds,
+        fd=args.fd,
         access_log=args.access_log,
         keepalive_timeout=args.keepalive_timeout,
         max_connections=args.max_connections,
         max_body_size=args.max_body_size,
+        threads=args.threads,
+        send_timeout=args.send_timeout,
+        forwarded_allow_ips=args.forwarded_allow_ips,
+        shutdown_grace=defaults.shutdown_grace if shutdown_grace is None else shutdown_grace,
     )
     server = Server(app, config)
     try:
