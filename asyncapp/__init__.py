@@ -27,9 +27,10 @@ from typing import Any
 from . import green, protocol, sse, web
 from .channel import Channel, CursorExpired, Event, Message
 from .coroutine import coroutine
-from .errors import AsyncappError, Timeout, UsageError
+from .errors import AsyncappError, ClientGone, Timeout, UsageError
 from .hosts import host_kind
 from .ops import Op, read, readable, sleep, writable
+from .protocol import nonblocking
 
 __version__ = "0.1.0"
 
@@ -53,6 +54,7 @@ def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, **settings: Any) 
 __all__ = [
     "AsyncappError",
     "Channel",
+    "ClientGone",
     "CursorExpired",
     "Event",
     "Message",
@@ -63,6 +65,7 @@ __all__ = [
     "coroutine",
     "green",
     "host_kind",
+    "nonblocking",
     "protocol",
     "read",
     "readable",

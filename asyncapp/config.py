@@ -20,6 +20,12 @@ class Config:
     port: int = 8000
     #: A Unix domain socket path; when set, ``host`` and ``port`` are unused.
     uds: str | None = None
+    #: An inherited file descriptor of an already bound (and listening)
+    #: socket to serve instead of binding one; when set, ``host``, ``port``
+    #: and ``uds`` are unused. ``asyncapp serve --reload`` binds once in its
+    #: supervisor and passes the socket to each server process this way, so
+    #: the port stays open across restarts.
+    fd: int | None = None
     access_log: bool = True
     #: Server header value; empty to send none.
     server_header: str = "asyncapp"
@@ -47,8 +53,29 @@ class Config:
     #: (gunicorn: 2 s, nginx: 75 s); a proxy in front should use less.
     keepalive_timeout: float = 5.0
     #: Seconds a blocking read of ``wsgi.input`` by a plain (not asyncapp)
-    #: app may wait for more body; it blocks the whole loop, so keep it short.
+    #: app may wait for more body before it raises ``TimeoutError``: 10 s,
+    #: like ``header_timeout``, so a stalled upload frees its thread (or, with
+    #: ``threads=0``, the loop) instead of holding it.
     body_timeout: float = 10.0
+    #: Threads that run plain PEP 3333 apps (those not known to use the
+    #: extensions), so a view that blocks in ``time.sleep``, a database call
+    #: or a slow body holds up only its own request. 40, the size of the
+    #: thread pool that Starlette and FastAPI give synchronous views (anyio's
+    #: default): enough for a blocking view taking 50 ms to serve 800 req/s,
+    #: and threads start only when needed. ``0`` runs every app on the loop
+    #: (the fastest mode, for apps known never to block); see docs/server.md.
+    threads: int = 40
+    #: Seconds a client may accept no response bytes while some are waiting
+    #: for it before it is disconnected and its app closed: 60 s, nginx's
+    #: ``send_timeout``. Long enough for a slow mobile link, short enough
+    #: that a client that stopped reading cannot hold a connection forever.
+    send_timeout: float = 60.0
+    #: Peers whose ``X-Forwarded-For`` / ``-Proto`` / ``-Host`` and RFC 7239
+    #: ``Forwarded`` headers are trusted, as a comma-separated list of IP
+    #: addresses and networks (``10.0.0.0/8``), or ``*`` for every peer.
+    #: 127.0.0.1, as uvicorn and gunicorn: a proxy on the same machine.
+    #: From any other peer the headers pass through untouched.
+    forwarded_allow_ips: str = "127.0.0.1"
     #: Open connections at most; at the limit the server stops accepting
     #: (the kernel backlog holds newcomers) instead of failing.
     max_connections: int = 20000

@@ -16,19 +16,47 @@ from __future__ import annotations
 
 import functools
 import inspect
+import threading
 from collections.abc import AsyncGenerator, Callable, Generator, Iterator
 from typing import Any, TypeAlias
 
 from .errors import UsageError
 from .ops import Op
+from .protocol import nonblocking
 
-__all__ = ["Driver", "StepDriver", "coroutine"]
+__all__ = ["Driver", "StepDriver", "coroutine", "pin_thread", "thread_pinned", "unpin_thread"]
 
 Environ = dict[str, Any]
 StartResponse = Callable[..., Any]
 AppGenerator: TypeAlias = Generator[Any, Any, None]
 AppAsyncGenerator: TypeAlias = AsyncGenerator[Any, Any]
 WSGIApp = Callable[[Environ, StartResponse], Iterator[bytes]]
+
+
+#: Per thread: has the request running on it started something that cannot
+#: move to another thread (a greenlet)? See :func:`pin_thread`.
+_pins = threading.local()
+
+
+def pin_thread() -> None:
+    """Say that the current request's stack now belongs to this thread.
+
+    A host that runs a plain app on a worker thread moves its iteration to
+    the event loop's thread once the app turns out to use the extensions;
+    a greenlet cannot move, so :mod:`asyncapp.green` calls this when it
+    starts one and the host then keeps the request where it is.
+    """
+    _pins.pinned = True
+
+
+def unpin_thread() -> None:
+    """Forget :func:`pin_thread` (a host calls this before each request)."""
+    _pins.pinned = False
+
+
+def thread_pinned() -> bool:
+    """Whether :func:`pin_thread` was called since :func:`unpin_thread`."""
+    return getattr(_pins, "pinned", False)
 
 
 def _bad_yield(name: str, value: object) -> UsageError:
@@ -251,4 +279,5 @@ def coroutine(func: Callable[..., Any]) -> WSGIApp:
     def wsgi_app(*args: Any) -> Driver:
         return Driver(func(*args), is_async)
 
-    return wsgi_app
+    # Calling it only makes a Driver: hosts may call it on their event loop.
+    return nonblocking(wsgi_app)

@@ -7,7 +7,7 @@ message says how to fix it.
 
 from __future__ import annotations
 
-__all__ = ["AsyncappError", "Timeout", "UsageError"]
+__all__ = ["AsyncappError", "ClientGone", "Timeout", "UsageError"]
 
 
 class AsyncappError(Exception):
@@ -36,3 +36,13 @@ class Timeout(AsyncappError):
 
 class UsageError(AsyncappError, TypeError):
     """The API was used in a way that cannot work; the message says the fix."""
+
+
+class ClientGone(AsyncappError, ConnectionError):
+    """The client closed the connection while a plain app was still serving it.
+
+    Raised to a plain app running on the server's thread pool by a
+    ``wsgi.input`` read or by the ``write()`` callable, so a view that is
+    still reading or streaming stops instead of working for nobody. It is a
+    :class:`ConnectionError`, which is what such code already catches.
+    """

@@ -34,11 +34,11 @@ from typing import Any, Final, TypeVar
 
 import greenlet
 
-from .coroutine import StepDriver
+from .coroutine import StepDriver, pin_thread
 from .errors import UsageError
 from .hosts import host_kind
 from .ops import Op, Read, Readable, Sleep, Writable
-from .protocol import FdLike
+from .protocol import FdLike, nonblocking
 
 __all__ = ["GreenInput", "app", "read", "readable", "run", "sleep", "writable"]
 
@@ -230,21 +230,19 @@ def _run(app: WSGIApp, environ: Environ, start_response: StartResponse, async_ho
 class GreenDriver(StepDriver):
     """The WSGI iterable that runs one call of a ``@green.app`` app."""
 
-    __slots__ = ("_app_name", "_child", "_job")
+    __slots__ = ("_app_name", "_async_host", "_child", "_context", "_job")
 
     def __init__(self, app: WSGIApp, environ: Environ, start_response: StartResponse) -> None:
         super().__init__()
         self._app_name = getattr(app, "__qualname__", "app")
-        async_host = host_kind(environ) == "async"
-        if async_host:
-            pool = _idle()
-            child = pool.pop() if pool else _AppGreenlet(True)
-            child.idle = False
-        else:
-            child = _AppGreenlet(False)
-        # Like SQLAlchemy's bridge: the app sees the server's context vars.
-        child.gr_context = contextvars.copy_context()
-        self._child: _AppGreenlet | None = child
+        async_host = self._async_host = host_kind(environ) == "async"
+        #: Made at the first step, not here: a greenlet belongs to the thread
+        #: that made it, and a server may call the app on one thread (a pool
+        #: thread running a plain dispatcher) and step the driver on another.
+        self._child: _AppGreenlet | None = None
+        # Like SQLAlchemy's bridge: the app sees the context vars of the
+        # call (taken now, when middleware around the call has set them).
+        self._context = contextvars.copy_context()
         #: Switched in first: the call to run (then None).
         self._job: Callable[[], None] | None = functools.partial(
             _run, app, environ, start_response, async_host
@@ -255,18 +253,18 @@ class GreenDriver(StepDriver):
         return self._app_name
 
     def _advance(self, send: Any, exc: BaseException | None) -> Any:
-        child = self._child
-        if child is None:
-            raise StopIteration
-        child.parent = greenlet.getcurrent()
         job = self._job
         if job is not None:
             self._job = None
             if exc is not None:
-                self._child = None
-                self._give_back(child)
                 raise exc
+            child = self._child = self._new_child(self._async_host, self._context)
             send = job
+        else:
+            if self._child is None:
+                raise StopIteration
+            child = self._child
+        child.parent = greenlet.getcurrent()
         try:
             out = child.switch(send) if exc is None else child.throw(exc)
         except BaseException:
@@ -281,12 +279,19 @@ class GreenDriver(StepDriver):
         return out
 
     @staticmethod
-    def _give_back(child: _AppGreenlet) -> None:
-        """A greenlet that never got its job goes back to the pool unused."""
-        pool = _idle()
-        if child.reusable and len(pool) < _POOL_MAX:
-            pool.append(child)
-            child.idle = True
+    def _new_child(async_host: bool, context: contextvars.Context) -> _AppGreenlet:
+        # Greenlets are reused only on asyncapp's hosts (see _AppGreenlet).
+        if async_host:
+            pool = _idle()
+            child = pool.pop() if pool else _AppGreenlet(True)
+            child.idle = False
+        else:
+            child = _AppGreenlet(False)
+        child.gr_context = context
+        # This request's stack now lives on this thread: a host running it on
+        # a worker thread must keep it there (asyncapp.coroutine.pin_thread).
+        pin_thread()
+        return child
 
     def close(self) -> None:
         """Cancel the wait in progress and end the app's call in its greenlet."""
@@ -294,10 +299,8 @@ class GreenDriver(StepDriver):
             self._cancel_step()
         finally:
             child, self._child = self._child, None
-            if child is not None and self._job is not None:  # never started
-                self._job = None
-                self._give_back(child)
-            elif child is not None:
+            self._job = None  # never started: nothing to end
+            if child is not None:
                 for attempt in range(_CLOSE_ATTEMPTS):
                     child.parent = greenlet.getcurrent()
                     out = child.throw(greenlet.GreenletExit)
@@ -332,7 +335,8 @@ def app(func: WSGIApp) -> Callable[[Environ, StartResponse], GreenDriver]:
     def wsgi_app(environ: Environ, start_response: StartResponse) -> GreenDriver:
         return GreenDriver(func, environ, start_response)
 
-    return wsgi_app
+    # Calling it only makes a GreenDriver: hosts may call it on their loop.
+    return nonblocking(wsgi_app)
 
 
 def read(environ: Environ, size: int, timeout: float | None = None) -> bytes:

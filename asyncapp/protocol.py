@@ -8,7 +8,7 @@ cannot drift apart.
 
 from __future__ import annotations
 
-from typing import Any, Final, Literal, Protocol, runtime_checkable
+from typing import Any, Final, Literal, Protocol, TypeVar, runtime_checkable
 
 __all__ = [
     "ASYNC_INPUT",
@@ -24,6 +24,8 @@ __all__ = [
     "TimeoutFlag",
     "WaitHandle",
     "WaitStatus",
+    "is_nonblocking",
+    "nonblocking",
 ]
 
 #: The revision of ``x-wsgiorg.async`` that asyncapp speaks (major, minor).
@@ -130,3 +132,45 @@ class TimeoutFlag:
 
     def __repr__(self) -> str:
         return f"<TimeoutFlag {self.value}>"
+
+
+#: The attribute that marks an app as never blocking (see :func:`nonblocking`).
+NONBLOCKING_ATTR: Final = "__asyncapp_nonblocking__"
+
+_App = TypeVar("_App")
+
+
+def nonblocking(app: _App) -> _App:
+    """Tell asyncapp's hosts that calling ``app`` never blocks; return it.
+
+    The bundled server (and asyncapp's other hosts) run plain WSGI apps on a
+    thread pool, because a plain app may block anywhere. Apps made with
+    ``@asyncapp.coroutine`` and ``@green.app`` are marked already and run on
+    the event loop. Mark a plain function that only dispatches to such apps,
+    or any app that never blocks, to skip the pool's hand-over as well:
+
+    .. code-block:: python
+
+        @asyncapp.nonblocking
+        def app(environ, start_response):
+            handler = ROUTES.get(environ["PATH_INFO"], not_found)
+            return handler(environ, start_response)
+
+    Without the mark such a dispatcher still works and its waits hold no
+    thread: its call runs on a pool thread, and the asyncapp app it returns
+    is moved to the loop. The mark only saves that hand-over. A marked app
+    that does block stops every other request while it does.
+    """
+    try:
+        setattr(app, NONBLOCKING_ATTR, True)
+    except (AttributeError, TypeError):
+        raise TypeError(
+            f"cannot mark {app!r} as nonblocking (it takes no attributes); "
+            "wrap it in a function and mark that"
+        ) from None
+    return app
+
+
+def is_nonblocking(app: object) -> bool:
+    """Whether ``app`` was marked with :func:`nonblocking` (or by the decorators)."""
+    return getattr(app, NONBLOCKING_ATTR, False) is True

@@ -27,12 +27,15 @@ import itertools
 import logging
 import os
 import selectors
+import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final
 
-from .errors import UsageError
+from .coroutine import StepDriver, thread_pinned, unpin_thread
+from .errors import ClientGone, UsageError
 from .protocol import (
     ASYNC_INPUT,
     ASYNC_READABLE,
@@ -45,6 +48,7 @@ from .protocol import (
     TimeoutFlag,
     WaitHandle,
 )
+from .threadpool import ThreadPool
 
 __all__ = ["FD_SWEEP_INTERVAL", "AppTask", "Loop", "Timer", "Watch"]
 
@@ -146,6 +150,10 @@ class Loop:
         self._fds: dict[int, _FdEntry] = {}
         self._next_sweep = 0.0
         self._seq = itertools.count()
+        #: The thread that runs this loop, once :meth:`accept_threads` said so.
+        self.owner: int | None = None
+        self._waker: tuple[socket.socket, socket.socket] | None = None
+        self._woken = False
 
     # -- scheduling -------------------------------------------------------
     def call_soon(self, callback: Callable[[], None]) -> None:
@@ -155,6 +163,54 @@ class Loop:
         timer = Timer((time.monotonic() + delay, next(self._seq), callback))
         heapq.heappush(self._timers, timer)
         return timer
+
+    # -- other threads ----------------------------------------------------
+    def accept_threads(self) -> None:
+        """Let other threads use :meth:`call_soon_threadsafe` from now on.
+
+        Call it from the thread that runs the loop. It costs a socketpair,
+        so loops that never hear from other threads (the in-process test
+        host) do without.
+        """
+        self.owner = threading.get_ident()
+        if self._waker is None:
+            reader, writer = socket.socketpair()
+            reader.setblocking(False)
+            writer.setblocking(False)
+            self._waker = (reader, writer)
+            self.add_handler(reader.fileno(), False, self._drain_waker)
+
+    def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
+        """:meth:`call_soon` from any thread; wakes the loop if it is polling."""
+        self._ready.append(callback)  # deque.append is atomic
+        if not self._woken:
+            # One wake-up byte per poll however many threads report back
+            # (see _drain_waker for why no callback is missed).
+            self._woken = True
+            waker = self._waker
+            if waker is None:
+                raise RuntimeError("call Loop.accept_threads() first")
+            with contextlib.suppress(OSError):  # full (already woken) or closed
+                waker[1].send(b"\0")
+
+    def wake(self) -> None:
+        """Make a poll in progress return now; safe from any thread.
+
+        A no-op before :meth:`accept_threads` (the loop is not running yet,
+        so it will see whatever the caller changed when it starts).
+        """
+        if self._waker is not None:
+            self.call_soon_threadsafe(_nothing)
+
+    def _drain_waker(self) -> None:
+        assert self._waker is not None
+        with contextlib.suppress(OSError):
+            self._waker[0].recv(4096)
+        # Only now: a thread that saw the flag still set added its callback
+        # before this point, so this pass runs it; one that sees it cleared
+        # writes a byte the next poll sees. Cleared before the recv, a byte
+        # could be drained unseen and leave the flag set for good.
+        self._woken = False
 
     # -- fd readiness -----------------------------------------------------
     def watch(self, fd: int, write: bool, callback: Callable[[OSError | None], None]) -> Watch:
@@ -373,6 +429,134 @@ class Loop:
 
     def close(self) -> None:
         self.selector.close()
+        if self._waker is not None:
+            for sock in self._waker:
+                sock.close()
+
+
+class _ThreadSide:
+    """What a pool thread running a plain app shares with the loop.
+
+    The thread blocks on ``_lock`` (taken while it waits) whenever it needs
+    the loop: a body read, room in the output, a wait it cannot hand over.
+    The loop answers with :meth:`wake`, exactly once per wait.
+    """
+
+    __slots__ = (
+        "_lock",
+        "_reply",
+        "_unacked",
+        "_waiting",
+        "failure",
+        "gone",
+        "reading",
+        "task",
+    )
+
+    #: Bytes a thread may hand the loop before it waits for them to be taken:
+    #: with the host's own output limit this bounds memory per request.
+    WINDOW: Final = 65536
+
+    def __init__(self, task: AppTask) -> None:
+        self.task = task
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        self._waiting = False
+        self._reply: object = None
+        self._unacked = 0
+        #: The client left (or the app's output failed, see ``failure``): the
+        #: app is closed at its next contact with the loop.
+        self.gone = False
+        #: Why the loop refused the app's output (a chunk that is not bytes).
+        self.failure: BaseException | None = None
+        #: A body read waiting for readiness on the loop: (size, timeout).
+        self.reading: tuple[int, float | None] | None = None
+
+    # -- the thread's side -------------------------------------------------
+    def check(self) -> None:
+        """Raise why the app cannot go on, if it cannot."""
+        if self.gone:
+            raise self.failure or ClientGone("the client closed the connection")
+
+    def wait_for(self, request: Callable[[], None]) -> object:
+        """Post ``request`` to the loop and block until it calls :meth:`wake`."""
+        self.check()
+        self._waiting = True
+        self.task.loop.call_soon_threadsafe(request)
+        self._lock.acquire()
+        reply = self._reply
+        self._reply = None
+        if isinstance(reply, BaseException):
+            raise reply
+        self.check()
+        return reply
+
+    def send(self, data: bytes, last: bool) -> None:
+        """Hand a body chunk to the loop; wait when a window's worth is unacked."""
+        self.check()
+        task = self.task
+        self._unacked += len(data)
+        if last or self._unacked < self.WINDOW:
+            task.loop.call_soon_threadsafe(functools.partial(self._deliver, data, last, False))
+            return
+        self._unacked = 0
+        self.wait_for(functools.partial(self._deliver, data, last, True))
+
+    def read(self, size: int, timeout: float | None) -> bytes:
+        """One read of the request body, performed by the loop."""
+        data = self.wait_for(functools.partial(self.task.read_for_thread, size, timeout))
+        assert isinstance(data, bytes)
+        return data
+
+    def close_result(self, result: Any, error: BaseException | None) -> BaseException | None:
+        """Close the app's iterable here, on its thread (PEP 3333: always)."""
+        close = getattr(result, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception as close_error:
+                log.exception("error closing the app iterable")
+                error = error or close_error
+        return error
+
+    # -- the loop's side ---------------------------------------------------
+    def wake(self, reply: object) -> None:
+        """Answer the thread's wait (on the loop); a no-op if it is not waiting."""
+        if self._waiting:
+            self._waiting = False
+            self._reply = reply
+            self._lock.release()
+
+    def decided(self, handle: WaitHandle | None) -> None:
+        """A wait armed for the thread was decided."""
+        reading, self.reading = self.reading, None
+        if reading is None:
+            self.wake(None)
+        elif handle is None or handle.status == "ready":
+            self.task.read_for_thread(*reading)
+        elif handle.status == "timeout":
+            self.wake(TimeoutError(f"no request body data for {reading[1]} s"))
+        else:
+            self.wake(handle.error or ClientGone("the request body could not be read"))
+
+    def _deliver(self, data: bytes, last: bool, ack: bool) -> None:
+        task = self.task
+        if self.gone or task.done:
+            self.wake(None)
+            return
+        try:
+            room = task.deliver_from_thread(data, last)
+        except Exception as error:  # not bytes, bad headers: the thread reports it
+            self.failure = error
+            self.gone = True
+            self.wake(error)
+            return
+        if not ack:
+            return
+        if room is False:
+            task.paused = True  # resume_output() wakes the thread
+        else:
+            self.wake(None)
 
 
 def _bind(callback: Callable[[OSError | None], None], error: OSError | None) -> Callable[[], None]:
@@ -394,10 +578,12 @@ class AppTask:
     """
 
     __slots__ = (
+        "_deferred",
         "_fdevent_flag",
         "_handle",
         "_on_chunk",
         "_on_done",
+        "_thread",
         "_timer",
         "_watch",
         "done",
@@ -409,6 +595,7 @@ class AppTask:
         "quirks",
         "reader",
         "result",
+        "threaded",
     )
 
     def __init__(
@@ -439,6 +626,11 @@ class AppTask:
         self._watch: Watch | None = None
         self._timer: Timer | None = None
         self._fdevent_flag: TimeoutFlag | None = None
+        #: True while a pool thread owns the app (see :meth:`start_in_thread`).
+        self.threaded = False
+        self._thread: _ThreadSide | None = None
+        #: A wait the app asked for on a pool thread, armed on the loop.
+        self._deferred: tuple[Any, int | None, bool, float | None] | None = None
         extensions = tuple(extensions)
         if "async" in extensions:
             environ[ASYNC_VERSION] = VERSION
@@ -516,13 +708,23 @@ class AppTask:
             fileno = fd if isinstance(fd, int) else fd.fileno()
         handle = WaitHandle(self._cancel)
         self._handle = handle
+        if self.threaded:
+            # Asked on a pool thread: the loop arms it once the app has
+            # yielded, when the thread hands the request over (or waits).
+            self._deferred = (fd, fileno, write, timeout)
+            return handle
+        self._arm(fd, fileno, write, timeout)
+        return handle
+
+    def _arm(self, fd: Any, fileno: int | None, write: bool, timeout: float | None) -> None:
+        """Start the timer and the watch of the pending wait (on the loop)."""
         if timeout is not None:
             self._timer = self.loop.call_later(max(0.0, timeout), self._on_timeout)
         if fd is None:
-            return handle
+            return
         if fd is self.reader and self.reader is not None and self.reader.ready_now():
             self.loop.call_soon(lambda: self._decide("ready", None))
-            return handle
+            return
         if fileno is None:
             fileno = fd if isinstance(fd, int) else fd.fileno()
         try:
@@ -530,7 +732,6 @@ class AppTask:
         except OSError as error:
             failure = error  # an except target is unbound when the block ends
             self.loop.call_soon(lambda: self._decide("error", failure))
-        return handle
 
     # -- deciding a wait --------------------------------------------------
     def _on_ready(self, error: OSError | None) -> None:
@@ -561,6 +762,7 @@ class AppTask:
 
     def _cancel(self, handle: WaitHandle) -> None:
         if handle is self._handle:
+            self._deferred = None
             self._clear_wait()
 
     def _clear_wait(self) -> None:
@@ -579,6 +781,12 @@ class AppTask:
 
     def step(self) -> None:
         """Advance the app until it suspends on a wait or ends."""
+        if self.threaded:
+            # A wait decided for an app that stays on its pool thread.
+            thread = self._thread
+            if thread is not None:
+                thread.decided(self._handle)
+            return
         iterator = self.iterable
         if self.done or iterator is None:
             return
@@ -604,11 +812,184 @@ class AppTask:
         """The host drained its output: let a task paused by ``on_chunk`` go on."""
         if self.paused:
             self.paused = False
-            self.loop.call_soon(self.step)
+            thread = self._thread
+            if self.threaded and thread is not None:
+                thread.wake(None)
+            else:
+                self.loop.call_soon(self.step)
 
     def close(self) -> None:
-        """The client went away: cancel the wait and close the app now."""
+        """The client went away: cancel the wait and close the app now.
+
+        An app on a pool thread cannot be interrupted: it is told that the
+        client is gone, and its thread closes it at its next read, write or
+        body chunk (or once it returns).
+        """
+        thread = self._thread
+        if self.threaded and thread is not None:
+            if self._handle is not None:
+                self._handle.cancel()
+            self._clear_wait()
+            thread.gone = True
+            thread.wake(ClientGone("the client closed the connection"))
+            return
         self._finish(None)
+
+    # -- plain apps on a pool thread -----------------------------------------
+    def start_in_thread(self, call: Callable[[], Iterable[bytes]], pool: ThreadPool) -> None:
+        """Run ``call()`` (the app's call) and its iterable on a pool thread.
+
+        For plain PEP 3333 apps, which may block anywhere. Body chunks come
+        back to the loop in order (``deliver`` runs on the loop), with
+        backpressure: the thread waits while the host's output is full. The
+        loop's thread must have called :meth:`Loop.accept_threads`.
+
+        An app that turns out to use the extensions moves to the loop, so
+        its waits hold no thread: when its call returns an asyncapp driver
+        (a plain function dispatching to ``@coroutine`` or ``@green.app``
+        apps), or when it asks for a wait and yields. One that started a
+        greenlet on the thread stays there (a greenlet cannot change
+        threads), and its waits hold the thread.
+        """
+        self.threaded = True
+        self._thread = _ThreadSide(self)
+        pool.submit(functools.partial(self._thread_main, call))
+
+    def _thread_main(self, call: Callable[[], Iterable[bytes]]) -> None:
+        side = self._thread
+        assert side is not None
+        to_loop = self.loop.call_soon_threadsafe
+        unpin_thread()
+        try:
+            result = call()
+        except ClientGone:
+            to_loop(functools.partial(self._thread_ended, None))
+            return
+        except Exception as call_error:
+            to_loop(functools.partial(self._thread_ended, call_error))
+            return
+        self.result = result
+        if isinstance(result, StepDriver):
+            to_loop(functools.partial(self._adopt, None))
+            return
+        if self.offload(result):
+            return
+        iterator: Iterator[bytes] | None = None
+        error: BaseException | None = None
+        try:
+            if isinstance(result, list) and len(result) == 1:
+                # `return [body]`: one message does it all, so the request
+                # is finished (and logged) with its response, even if the
+                # client closes the moment it has it.
+                side.check()
+                self.loop.call_soon_threadsafe(functools.partial(self._last_from_thread, result[0]))
+                return
+            else:
+                iterator = iter(result)
+                for chunk in iterator:
+                    if chunk:
+                        side.send(chunk, last=False)
+                    elif self._deferred is not None:
+                        if not thread_pinned():
+                            to_loop(functools.partial(self._adopt, iterator))
+                            return  # the loop owns it now, closing included
+                        side.wait_for(self._arm_deferred)
+        except ClientGone:
+            pass
+        except Exception as failure:
+            error = failure
+        error = side.close_result(result, error)
+        to_loop(functools.partial(self._thread_ended, error))
+
+    def _adopt(self, iterator: Iterator[bytes] | None) -> None:
+        """On the loop: take over an app that uses the extensions from its thread."""
+        thread, self._thread = self._thread, None
+        self.threaded = False
+        if thread is not None and thread.gone:
+            self._finish(None)
+            return
+        try:
+            self.iterable = iterator if iterator is not None else iter(self.result)  # type: ignore[arg-type]
+        except Exception as error:
+            self._finish(error)
+            return
+        if self._deferred is not None:
+            self._arm_deferred()
+        else:
+            self.step()
+        self.adopted()
+
+    def adopted(self) -> None:
+        """Hook: the app moved from its pool thread to the loop."""
+
+    def offload(self, result: Iterable[bytes]) -> bool:
+        """Hook, on the pool thread: True if the host takes ``result`` over itself.
+
+        The bundled server takes a ``wsgi.file_wrapper`` of a regular file,
+        which it sends from the loop with ``sendfile``.
+        """
+        return False
+
+    def _arm_deferred(self) -> None:
+        deferred, self._deferred = self._deferred, None
+        if deferred is not None and not self.done:
+            self._arm(*deferred)
+
+    def _thread_ended(self, error: BaseException | None) -> None:
+        """On the loop: the pool thread finished the app (and closed it)."""
+        thread, self._thread = self._thread, None
+        self.threaded = False
+        if error is None and thread is not None:
+            error = thread.failure
+        if self.done:
+            return
+        self.done = True
+        if self._handle is not None:
+            self._handle.cancel()
+        self._clear_wait()
+        self.finished(error)
+
+    def _last_from_thread(self, data: bytes) -> None:
+        thread = self._thread
+        if thread is not None and not thread.gone and not self.done:
+            try:
+                if data:
+                    self.deliver_from_thread(data, True)
+            except Exception as error:
+                self._thread_ended(error)
+                return
+        self._thread_ended(None)
+
+    def deliver_from_thread(self, data: bytes, last: bool) -> bool | None:
+        """A body chunk from the pool thread (on the loop); ``last`` if no more follow.
+
+        Hosts override this to frame a single last chunk with a
+        Content-Length, as they do for ``return [body]`` on the loop.
+        """
+        return self.deliver(data)
+
+    def read_for_thread(self, size: int, timeout: float | None) -> None:
+        """On the loop: one read of the host's reader for the pool thread.
+
+        Waits as ``asyncapp.read`` would, without blocking the loop, and
+        hands the thread the bytes, ``b""`` at the end, or the error.
+        """
+        thread = self._thread
+        if thread is None or self.done:
+            return
+        reader = self.reader
+        try:
+            data = reader.read(size)
+        except BlockingIOError:
+            handle = WaitHandle(self._cancel)
+            self._handle = handle
+            thread.reading = (size, timeout)
+            self._arm(reader, None, False, timeout)
+            return
+        except Exception as error:
+            thread.wake(error)
+            return
+        thread.wake(data)
 
     def _finish(self, error: BaseException | None) -> None:
         if self.done:

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import gc
-import io
 import logging
 import os
 import signal
@@ -40,8 +40,11 @@ from http import HTTPStatus
 from typing import Any, Final
 from urllib.parse import unquote_to_bytes
 
+from .body import InputStream
 from .config import Config
 from .coroutine import Driver
+from .errors import ClientGone, UsageError
+from .filewrapper import FileWrapper
 from .hosts import poll
 from .http11 import (
     END,
@@ -55,7 +58,9 @@ from .http11 import (
     prepare_headers,
     response_head,
 )
+from .protocol import is_nonblocking
 from .scheduler import AppTask, Loop
+from .threadpool import ThreadPool
 
 __all__ = ["Connection", "Exchange", "Server", "serve"]
 
@@ -70,6 +75,9 @@ RECV_SIZE: Final = 65536
 #: How often connection deadlines (header and keep-alive timeouts) are
 #: checked; a per-request timer would churn the heap at every request.
 DEADLINE_SWEEP: Final = 0.25
+#: Bytes one ``sendfile`` turn may send before other connections run: 1 MiB,
+#: so a large file on a fast client cannot hold the loop for long.
+SENDFILE_TURN: Final = 1 << 20
 #: Connections accepted per readiness of a listening socket, so a burst of
 #: connects is taken in one go without starving established connections.
 ACCEPT_BATCH: Final = 64
@@ -153,6 +161,11 @@ class BodyReader:
         exchange = self._exchange
         if exchange.body_done:
             return b""
+        if exchange.threaded and threading.get_ident() != exchange.loop.owner:
+            # An app on a pool thread (asyncapp.read behind a plain
+            # wrapper): only the loop touches the socket. It will wait for
+            # readiness, yield, and read again once moved to the loop.
+            raise BlockingIOError(errno.EAGAIN, "the body is read on the event loop")
         exchange.continue_if_expected()
         conn = exchange.conn
         data = exchange.take_body(size)
@@ -179,35 +192,18 @@ class BodyReader:
         return exchange.body_done or exchange.conn.closed or exchange.has_body_event()
 
 
-class ServerInput(io.RawIOBase):
-    """The ``wsgi.input`` of a request: a blocking file over the body reader.
+def _read_blocking(reader: BodyReader, size: int, timeout: float) -> bytes:
+    """One read of the body for a plain app running on the loop (``threads=0``).
 
-    Blocking reads stop the whole loop while they wait, at most
-    ``body_timeout`` seconds per wait; asyncapp apps read through
-    ``asyncapp.read`` (or ``@green.app``) and never block.
+    It stops the whole loop while it waits, at most ``timeout`` seconds per
+    wait; that is why plain apps run on the thread pool by default.
     """
-
-    def __init__(self, reader: BodyReader, timeout: float) -> None:
-        super().__init__()
-        self._reader = reader
-        self._timeout = timeout
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        size = len(buffer)
-        if size == 0:
-            return 0
-        while True:
-            try:
-                data = self._reader.read(size)
-            except BlockingIOError:
-                if not poll(self._reader.fileno(), False, self._timeout):
-                    raise TimeoutError(f"no request body data for {self._timeout} s") from None
-                continue
-            buffer[: len(data)] = data
-            return len(data)
+    while True:
+        try:
+            return reader.read(size)
+        except BlockingIOError:
+            if not poll(reader.fileno(), False, timeout):
+                raise TimeoutError(f"no request body data for {timeout} s") from None
 
 
 class Exchange(AppTask):
@@ -260,10 +256,10 @@ class Exchange(AppTask):
         environ = conn.server.base_environ.copy()
         peer = conn.peer
         if peer.__class__ is tuple:
-            environ["REMOTE_ADDR"] = peer[0]
+            environ["REMOTE_ADDR"] = environ["REMOTE_HOST"] = peer[0]
             environ["REMOTE_PORT"] = str(peer[1])
         else:  # a Unix socket's peer is "" or a path
-            environ["REMOTE_ADDR"] = "127.0.0.1" if not peer else str(peer)
+            environ["REMOTE_ADDR"] = environ["REMOTE_HOST"] = "127.0.0.1" if not peer else str(peer)
         path = head.path
         raw_uri = head.target.decode("latin-1")
         environ["REQUEST_METHOD"] = head.method
@@ -287,8 +283,40 @@ class Exchange(AppTask):
                 environ[key] = text
         # The environ has them now; a held request need not keep both copies.
         head.headers.clear()
-        environ["wsgi.input"] = ServerInput(reader, conn.server.config.body_timeout)
+        environ["wsgi.input"] = InputStream(self._raw_read)
+        # Most requests carry none of these: four lookups, and trust is
+        # checked only for those that do.
+        if (
+            "HTTP_X_FORWARDED_FOR" in environ
+            or "HTTP_X_FORWARDED_PROTO" in environ
+            or "HTTP_X_FORWARDED_HOST" in environ
+            or "HTTP_FORWARDED" in environ
+        ):
+            conn.server.forwarded.apply(environ, unix=peer.__class__ is not tuple)
         return environ
+
+    def _raw_read(self, size: int) -> bytes:
+        """``wsgi.input``'s source: on a pool thread through the loop, else blocking."""
+        timeout = self.conn.server.config.body_timeout
+        thread = self._thread
+        if self.threaded and thread is not None:
+            data = thread.read(size, timeout)
+        else:
+            assert self.reader is not None
+            data = _read_blocking(self.reader, size, timeout)
+        if not data and not self.body_done:
+            # A file that ended early would look like a whole, shorter body.
+            raise ClientGone("the client closed the connection before the body ended")
+        return data
+
+    def async_input(self, wsgi_input: Any) -> Any:
+        if wsgi_input is self.own_input and wsgi_input.has_buffered():
+            raise UsageError(
+                "wsgi.input was partly read with readline() or iteration, which "
+                "reads ahead; keep reading it that way, or use asyncapp.read "
+                "from the start"
+            )
+        return super().async_input(wsgi_input)
 
     def has_body_event(self) -> bool:
         events = self.conn.parser.events
@@ -324,11 +352,20 @@ class Exchange(AppTask):
 
     # -- running the app ---------------------------------------------------
     def run(self, app: WSGIApp) -> None:
+        pool = self.conn.server.pool
+        if pool is not None:
+            self.start_in_thread(functools.partial(app, self.environ, self.start_response), pool)
+            return
         try:
             result = app(self.environ, self.start_response)
         except Exception as error:
             self.app_done(error)
             return
+        if result.__class__ is FileWrapper:
+            span = result.sendfile_span()
+            if span is not None:
+                self.send_wrapped_file(result, span)
+                return
         if (
             result.__class__ is list
             and len(result) == 1  # type: ignore[arg-type,unused-ignore]
@@ -378,10 +415,77 @@ class Exchange(AppTask):
         """The legacy ``write()`` callable of PEP 3333."""
         if self.status is None:
             raise ResponseError("write() called before start_response()")
+        thread = self._thread
+        if self.threaded and thread is not None:
+            if not isinstance(data, bytes):
+                raise ResponseError(f"write() takes bytes, not {type(data).__name__}")
+            if data:
+                thread.send(data, last=False)
+            return
         self.send_body(data)
 
-    def _send_head(self, first: bytes, whole: bool) -> bytes:
-        """Decide framing, and return the head (plus ``first`` framed)."""
+    def deliver_from_thread(self, data: bytes, last: bool) -> bool | None:
+        # A single chunk (`return [body]`) gets a Content-Length, as on the loop.
+        return self.send_body(data, whole=last and not self.headers_sent)
+
+    def offload(self, result: Iterable[bytes]) -> bool:
+        if result.__class__ is not FileWrapper:
+            return False
+        span = result.sendfile_span()
+        if span is None:
+            return False  # not a regular file: iterated on the thread
+        self.loop.call_soon_threadsafe(functools.partial(self._file_from_thread, result, span))
+        return True
+
+    def _file_from_thread(self, wrapper: FileWrapper, span: tuple[int, int, int]) -> None:
+        thread, self._thread = self._thread, None
+        self.threaded = False
+        if thread is not None and thread.gone:
+            self._finish(None)
+            return
+        self.send_wrapped_file(wrapper, span)
+
+    def send_wrapped_file(self, wrapper: FileWrapper, span: tuple[int, int, int]) -> None:
+        """Answer with a regular file through ``sendfile``, on the loop."""
+        self.result = wrapper
+        fd, offset, size = span
+        if self.status is None:
+            self._finish(ResponseError("the app returned a file before calling start_response()"))
+            return
+        assert self.headers is not None
+        length = self.headers.content_length
+        if length is not None and length > size:
+            self.keep_alive = False  # the file cannot fill the promised length
+        try:
+            head = self._send_head(b"", whole=False, size=size if length is None else None)
+        except ResponseError as error:
+            self._finish(error)
+            return
+        self.conn.write(head)
+        left = self.length_left
+        if left is None or left == 0 or self.conn.closed:
+            self._finish(None)  # HEAD, 204/304, or an empty file
+            return
+        self.conn.send_file(fd, offset, min(left, size), functools.partial(self._file_sent, offset))
+
+    def _file_sent(self, start: int, end: int) -> None:
+        sent = end - start
+        self.bytes_sent += sent
+        if self.length_left is not None:
+            self.length_left -= sent
+        self._finish(None)
+
+    def adopted(self) -> None:
+        if not self.done:
+            # Suspended, perhaps for minutes (a long poll): hold no parser.
+            self.conn.parser.release_if_idle()
+
+    def _send_head(self, first: bytes, whole: bool, size: int | None = None) -> bytes:
+        """Decide framing, and return the head (plus ``first`` framed).
+
+        ``whole``: ``first`` is the whole body. ``size``: the body's length
+        is known some other way (a file sent with sendfile).
+        """
         conn = self.conn
         server = conn.server
         head = self.head
@@ -390,15 +494,18 @@ class Exchange(AppTask):
         code = self.status_code
         app_headers = self.headers
         assert app_headers is not None
-        lines = [f"HTTP/{head.version} {self.status}\r\n", app_headers.block]
+        # HTTP/1.1 on every status line, also to HTTP/1.0 requests: RFC 9110
+        # 2.5 asks a server for the highest version it conforms to (nginx and
+        # Apache do the same); the framing below still suits a 1.0 client.
+        lines = ["HTTP/1.1 ", self.status, "\r\n", app_headers.block]
         length = app_headers.content_length
         if app_headers.close:
             self.keep_alive = False
         body_allowed = not (code < 200 or code in _NO_BODY_STATUS)
         if length is None and body_allowed:
-            if whole:
-                length = len(first)
-                if not self.is_head or first:
+            if whole or size is not None:
+                length = len(first) if size is None else size
+                if not self.is_head or length:
                     lines.append(f"Content-Length: {length}\r\n")
             elif head.version == "1.1":
                 self.chunked = not self.is_head
@@ -408,6 +515,11 @@ class Exchange(AppTask):
                 self.keep_alive = False
         if length is not None and not self.is_head and body_allowed:
             self.length_left = length
+            if (whole or size is not None) and length != (len(first) if size is None else size):
+                # The app's Content-Length and the body it gave disagree: the
+                # response will be cut (or fall short), so say close now
+                # rather than let the client expect a reusable connection.
+                self.keep_alive = False
         if (
             self.keep_alive
             and not self.body_done
@@ -560,11 +672,13 @@ class Connection:
         "drain_left",
         "exchange",
         "fd",
+        "file_job",
         "out",
         "parser",
         "peer",
         "pending_error",
         "reading",
+        "send_progress",
         "server",
         "sock",
         "writing",
@@ -578,6 +692,10 @@ class Connection:
         self.parser = RequestParser(server.config)
         self.exchange: Exchange | None = None
         self.out = bytearray()
+        #: When the client last took response bytes (or output began to wait).
+        self.send_progress = 0.0
+        #: A file going out with sendfile: [file fd, offset, bytes left, done].
+        self.file_job: list[Any] | None = None
         self.closed = False
         self.closing = False
         self.reading = False
@@ -799,6 +917,7 @@ class Connection:
             return
         if sent < len(data):
             self.out += data[sent:]
+            self.send_progress = time.monotonic()
             self._set_writing(True)
 
     def _set_writing(self, on: bool) -> None:
@@ -808,23 +927,73 @@ class Connection:
 
     def on_writable(self) -> None:
         out = self.out
-        try:
-            sent = self.sock.send(out)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self.lost()
-            return
-        del out[:sent]
         if out:
-            if len(out) < self.server.config.write_buffer_high // 2:
-                self._resume_app()
+            try:
+                sent = self.sock.send(out)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.lost()
+                return
+            if sent:
+                self.send_progress = time.monotonic()
+            del out[:sent]
+            if out:
+                if len(out) < self.server.config.write_buffer_high // 2:
+                    self._resume_app()
+                return
+        if self.file_job is not None:
+            self._send_file()
             return
         self._set_writing(False)
         if self.closing:
             self.close()
             return
         self._resume_app()
+
+    def send_file(self, fd: int, offset: int, count: int, done: Callable[[int], None]) -> None:
+        """Send ``count`` bytes of file ``fd`` from ``offset`` after what is queued.
+
+        ``os.sendfile`` copies from the page cache to the socket with no
+        Python buffer; the socket paces it as it does ``out``. ``done(sent)``
+        is called once, when it is all sent or the file turned out shorter.
+        """
+        self.file_job = [fd, offset, count, done]
+        if not self.out:
+            self._send_file()
+
+    def _send_file(self) -> None:
+        job = self.file_job
+        assert job is not None
+        fd, offset, left, done = job
+        budget = SENDFILE_TURN
+        while left > 0 and budget > 0:
+            try:
+                sent = os.sendfile(self.fd, fd, offset, min(left, budget))
+            except (BlockingIOError, InterruptedError):
+                sent = -1
+            except OSError:
+                self.file_job = None
+                self.lost()
+                return
+            if sent < 0:
+                break
+            if sent == 0:  # the file is shorter than it was: send what there was
+                left = 0
+                break
+            self.send_progress = time.monotonic()
+            offset += sent
+            left -= sent
+            budget -= sent
+        job[1], job[2] = offset, left
+        if left > 0:
+            # The socket is full, or this file had its turn: the rest when
+            # the socket is writable again, after other connections ran.
+            self._set_writing(True)
+            return
+        self.file_job = None
+        self._set_writing(False)
+        done(offset)
 
     def _resume_app(self) -> None:
         exchange = self.exchange
@@ -869,6 +1038,19 @@ class Connection:
             exchange.close()  # the app iterable is closed promptly
 
     def check_deadline(self, now: float) -> None:
+        if (
+            (self.out or self.file_job is not None)
+            and not self.closed
+            and now - self.send_progress > self.server.config.send_timeout
+        ):
+            log.info(
+                "closing the connection from %s: it took no response bytes for %s s",
+                self.peer,
+                self.server.config.send_timeout,
+            )
+            self.file_job = None
+            self.lost()  # closes the app behind it, too
+            return
         deadline = self.deadline
         if deadline is None or now < deadline or self.closed:
             return
@@ -897,6 +1079,10 @@ class Server:
     def __init__(self, app: WSGIApp, config: Config | None = None) -> None:
         self.app = app
         self.config = config or Config()
+        from .proxy import ForwardedTrust
+
+        # Parsed once, before any socket exists: a bad setting fails at start.
+        self.forwarded = ForwardedTrust(self.config.forwarded_allow_ips)
         self.loop = Loop()
         self.clock = _Clock(self.config.server_header)
         self.connections: set[Connection] = set()
@@ -904,16 +1090,22 @@ class Server:
         self.stopping = False
         self.accepting = False
         self.base_environ: dict[str, Any] = {}
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
         self._stop_requested = False
         self._ready = threading.Event()
+        #: Plain apps run here (docs/server.md, "Which apps run where");
+        #: None runs every app on the loop.
+        self.pool: ThreadPool | None = None
+        if self.config.threads > 0 and not is_nonblocking(app):
+            self.pool = ThreadPool(self.config.threads)
 
     # -- setting up --------------------------------------------------------------
     def bind(self) -> None:
         config = self.config
-        if config.uds is not None:
+        if config.fd is not None:
+            # An inherited listening socket (from asyncapp serve --reload);
+            # its family and type are read from the descriptor.
+            self.listeners.append(socket.socket(fileno=config.fd))
+        elif config.uds is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(config.uds)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -950,10 +1142,11 @@ class Server:
             "wsgi.version": (1, 0),
             "wsgi.url_scheme": "http",
             "wsgi.errors": sys.stderr,
-            "wsgi.multithread": False,
+            "wsgi.multithread": self.pool is not None,
             "wsgi.multiprocess": False,
             "wsgi.run_once": False,
             "wsgi.input_terminated": True,
+            "wsgi.file_wrapper": FileWrapper,
         }
 
     @property
@@ -984,7 +1177,9 @@ class Server:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 previous[int(signum)] = signal.signal(signum, self._on_signal)
         try:
-            loop.add_handler(self._wake_r.fileno(), False, self._on_wake)
+            # Also how stop() from a signal handler or another thread
+            # wakes the loop.
+            loop.accept_threads()
             self._start_accepting()
             log.info("Listening on %s", self.url)
             self._ready.set()
@@ -1011,12 +1206,7 @@ class Server:
     def stop(self) -> None:
         """Ask the server to shut down gracefully; safe from any thread."""
         self._stop_requested = True
-        with contextlib.suppress(OSError):
-            self._wake_w.send(b"x")
-
-    def _on_wake(self) -> None:
-        with contextlib.suppress(OSError):
-            self._wake_r.recv(4096)
+        self.loop.wake()
 
     def wait_ready(self, timeout: float) -> bool:
         return self._ready.wait(timeout)
@@ -1104,8 +1294,10 @@ class Server:
         if self.config.uds is not None:
             with contextlib.suppress(OSError):
                 os.unlink(self.config.uds)
-        self._wake_r.close()
-        self._wake_w.close()
+        if self.pool is not None:
+            # Threads still inside an app are daemons: they cannot keep the
+            # process alive, and their late reports to the loop are dropped.
+            self.pool.shutdown()
         self.loop.close()
 
 

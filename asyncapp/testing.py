@@ -25,7 +25,6 @@ For werkzeug's test client, wrap the app with :func:`hosted`:
 from __future__ import annotations
 
 import contextlib
-import io
 import socket
 import threading
 import time
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from werkzeug.test import EnvironBuilder
 
+from .body import InputStream
 from .hosts import poll
 from .scheduler import AppTask, Loop, Timer, Watch
 
@@ -81,33 +81,24 @@ class SocketReader:
         return self.eof
 
 
-class _HostInput(io.RawIOBase):
+def _host_input(reader: SocketReader, pump: Callable[[], None]) -> InputStream:
     """The host's own blocking ``wsgi.input``, over the same reader.
 
-    Unbuffered on purpose: bytes it has not been asked for stay in the socket
-    for the non-blocking reader.
+    An :class:`~asyncapp.body.InputStream`, as on the bundled server: a
+    file whose ``read(n)`` returns ``n`` bytes unless the body ends, and
+    which reads ahead only for lines, so other bytes stay in the socket for
+    the non-blocking reader.
     """
 
-    def __init__(self, reader: SocketReader, pump: Callable[[], None]) -> None:
-        super().__init__()
-        self._reader = reader
-        self._pump = pump
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        if len(buffer) == 0:
-            return 0
+    def raw_read(size: int) -> bytes:
         while True:
             try:
-                data = self._reader.read(len(buffer))
+                return reader.read(size)
             except BlockingIOError:
-                self._pump()
-                poll(self._reader.fileno(), False, 0.05)
-                continue
-            buffer[: len(data)] = data
-            return len(data)
+                pump()
+                poll(reader.fileno(), False, 0.05)
+
+    return InputStream(raw_read)
 
 
 class _Feeder:
@@ -270,7 +261,7 @@ class Host:
         length = None if chunked else len(body)
         reader = SocketReader(server_end, length)
         feeder = _Feeder(self.loop, client_end, segments, delay, chunked or close_body)
-        own_input = _HostInput(reader, feeder.pump_now)
+        own_input = _host_input(reader, feeder.pump_now)
         environ["wsgi.input"] = own_input
         if chunked:
             environ.pop("CONTENT_LENGTH", None)

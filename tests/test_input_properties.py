@@ -172,7 +172,9 @@ class CountingSocket(socket.socket):
 @contextlib.contextmanager
 def in_process_server(log: ReadLog) -> Iterator[tuple[Server, CountingSocket, socket.socket]]:
     """A Server whose loop the test runs, with one Connection on a socketpair."""
-    server = Server(reading_app(log), Config(access_log=False))
+    # threads=0: the test steps the loop itself, and the app (extensions by
+    # hand, no decorator) would otherwise start on the thread pool.
+    server = Server(reading_app(log), Config(access_log=False, threads=0))
     first, client_end = socket.socketpair()
     server_end = CountingSocket(first.family, first.type, fileno=first.detach())
     server_end.received = []

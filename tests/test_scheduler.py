@@ -683,3 +683,50 @@ def test_uwsgi_quirks(loop: Loop, fds: Fds) -> None:
     environ[FDEVENT_READABLE](r, 1)
     run_until(loop, lambda: environ[FDEVENT_TIMEOUT] is None)
     assert t.task._handle.status == "ready"  # type: ignore[union-attr]
+
+
+# -- other threads -------------------------------------------------------------
+
+
+def test_call_soon_threadsafe_never_loses_a_wake_up() -> None:
+    """Ping-pong between the loop and two threads: every callback from a
+    thread must wake a loop that polls with no timeout of its own. A lost
+    wake-up (the flag left set with no byte pending) would leave a poll
+    waiting its full 10 s, and the test would time out."""
+    from asyncapp.threadpool import ThreadPool
+
+    loop = Loop()
+    loop.accept_threads()
+    pool = ThreadPool(2)
+    rounds = 3000
+    done = [0]
+
+    def job() -> None:
+        loop.call_soon_threadsafe(back)
+
+    def back() -> None:
+        done[0] += 1
+        if done[0] < rounds:
+            pool.submit(job)
+
+    pool.submit(job)
+    pool.submit(job)
+    start = time.monotonic()
+    try:
+        while done[0] < rounds:
+            loop.run_once(10)
+            assert time.monotonic() - start < 20
+    finally:
+        pool.shutdown(wait=5)
+        loop.close()
+    assert done[0] >= rounds
+
+
+def test_call_soon_threadsafe_needs_accept_threads() -> None:
+    loop = Loop()
+    try:
+        with pytest.raises(RuntimeError, match="accept_threads"):
+            loop.call_soon_threadsafe(lambda: None)
+        loop.wake()  # a no-op until then
+    finally:
+        loop.close()
