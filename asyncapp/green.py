@@ -34,6 +34,7 @@ from typing import Any, Final, TypeVar
 
 import greenlet
 
+from .body import RAW_CHUNK
 from .coroutine import StepDriver, pin_thread
 from .errors import UsageError
 from .hosts import host_kind
@@ -175,6 +176,20 @@ class GreenInput(io.BufferedReader):
         self._raw_reader = _GreenRawInput(environ, raw_input)
         super().__init__(self._raw_reader, buffer_size=65536)
         self._asyncapp_raw_input = raw_input
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        """``read`` as a file does, in 64 KiB pieces for a large ``size``.
+
+        :class:`io.BufferedReader` allocates ``size`` bytes before it reads,
+        and apps pass ``int(CONTENT_LENGTH)``, which the client chose.
+        """
+        if size is None or size < 0 or size <= RAW_CHUNK:
+            return super().read(size)
+        parts = []
+        while size > 0 and (part := super().read(min(size, RAW_CHUNK))):
+            parts.append(part)
+            size -= len(part)
+        return b"".join(parts)
 
     def release_environ(self) -> None:
         """The app ended: forget the environ (it holds this input: a cycle).

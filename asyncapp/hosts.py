@@ -31,6 +31,7 @@ from typing import Any, Final, Literal
 
 from werkzeug.wsgi import LimitedStream, get_content_length
 
+from .body import RAW_CHUNK
 from .errors import Timeout, UsageError
 from .protocol import (
     ASYNC_INPUT,
@@ -368,8 +369,12 @@ def _body_stream(environ: Environ, inp: Any) -> Any:
 
 
 def blocking_read(environ: Environ, inp: Any, size: int) -> bytes:
-    """At most ``size`` bytes of the body, ``b""`` at its end, blocking."""
-    data = _body_stream(environ, inp).read(size)
+    """At most ``size`` bytes of the body, ``b""`` at its end, blocking.
+
+    At most 64 KiB per call, as ``recv`` semantics allow: the streams under
+    it allocate what they are asked for up front, and ``size`` is the app's.
+    """
+    data = _body_stream(environ, inp).read(min(size, RAW_CHUNK))
     return bytes(data) if data else b""
 
 

@@ -512,11 +512,6 @@ def test_green_input_read_n_and_read_none() -> None:
         assert in_green(Raw([body[:1000], body[1000:]], cap=None, once=False), call) == body
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="io.BufferedReader.read(n) allocates n bytes before reading (CPython's "
-    "_bufferedreader_read_generic); GreenInput inherits it",
-)
 def test_green_input_read_of_a_huge_size_does_not_allocate_it() -> None:
     body = b"q" * 5000
     raw = Raw([body[i : i + 100] for i in range(0, len(body), 100)], cap=None, once=False)
@@ -638,11 +633,6 @@ def test_fallback_blocking_read_returns_the_body_in_order(
     assert hosts.blocking_read(environ, inp, 5) == b""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="LimitedStream is an io.RawIOBase, whose read(n) allocates a bytearray(n) "
-    "before reading; hosts.blocking_read passes the app's size through",
-)
 def test_fallback_read_of_a_huge_size_does_not_allocate_it() -> None:
     body = b"q" * 5000
     inp = io.BufferedReader(TrickleRaw([body[i : i + 100] for i in range(0, len(body), 100)]))
