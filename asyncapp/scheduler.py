@@ -434,6 +434,18 @@ class Loop:
                 sock.close()
 
 
+def close_app(result: Any, error: BaseException | None) -> BaseException | None:
+    """Close what the app returned (PEP 3333: always); the error to report."""
+    close = getattr(result, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception as close_error:
+            log.exception("error closing the app iterable")
+            error = error or close_error
+    return error
+
+
 class _ThreadSide:
     """What a pool thread running a plain app shares with the loop.
 
@@ -507,17 +519,6 @@ class _ThreadSide:
         data = self.wait_for(functools.partial(self.task.read_for_thread, size, timeout))
         assert isinstance(data, bytes)
         return data
-
-    def close_result(self, result: Any, error: BaseException | None) -> BaseException | None:
-        """Close the app's iterable here, on its thread (PEP 3333: always)."""
-        close = getattr(result, "close", None)
-        if close is not None:
-            try:
-                close()
-            except Exception as close_error:
-                log.exception("error closing the app iterable")
-                error = error or close_error
-        return error
 
     # -- the loop's side ---------------------------------------------------
     def wake(self, reply: object) -> None:
@@ -898,7 +899,7 @@ class AppTask:
             pass
         except Exception as failure:
             error = failure
-        error = side.close_result(result, error)
+        error = close_app(result, error)  # here, on its own thread
         to_loop(functools.partial(self._thread_ended, error))
 
     def _adopt(self, iterator: Iterator[bytes] | None) -> None:
@@ -998,11 +999,5 @@ class AppTask:
         if self._handle is not None:
             self._handle.cancel()
         self._clear_wait()
-        close = getattr(self.result if self.result is not None else self.iterable, "close", None)
-        if close is not None:
-            try:
-                close()
-            except Exception as close_error:
-                log.exception("error closing the app iterable")
-                error = error or close_error
+        error = close_app(self.result if self.result is not None else self.iterable, error)
         self.finished(error)
