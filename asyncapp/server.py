@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any, Final
@@ -226,6 +226,7 @@ class Exchange(AppTask):
         "is_head",
         "keep_alive",
         "length_left",
+        "started",
         "status",
         "status_code",
     )
@@ -233,6 +234,8 @@ class Exchange(AppTask):
     def __init__(self, conn: Connection, head: RequestHead) -> None:
         self.conn = conn
         self.head = head
+        #: time.monotonic() when the request head was parsed (access logs).
+        self.started = time.monotonic()
         self.body_done = not head.has_body
         self.body_read = False
         self.continue_sent = False
@@ -644,6 +647,9 @@ class Exchange(AppTask):
 
     def log_access(self) -> None:
         server = self.conn.server
+        if server.on_access is not None:
+            server.on_access(self)
+            return
         if not server.config.access_log or not access_log.isEnabledFor(logging.INFO):
             return
         server.clock.tick()
@@ -860,6 +866,7 @@ class Connection:
             self._set_reading(self._want_reading())
 
     def exchange_finished(self, exchange: Exchange) -> None:
+        self.server.requests_served += 1
         exchange.detach()
         if self.exchange is not exchange:
             return
@@ -1092,6 +1099,11 @@ class Server:
         self.base_environ: dict[str, Any] = {}
         self._stop_requested = False
         self._ready = threading.Event()
+        #: Requests answered (or abandoned by their client) so far.
+        self.requests_served = 0
+        #: Called with each finished exchange instead of the Common Log
+        #: Format line (a host with its own access log, such as gunicorn's).
+        self.on_access: Callable[[Exchange], None] | None = None
         #: Plain apps run here (docs/server.md, "Which apps run where");
         #: None runs every app on the loop.
         self.pool: ThreadPool | None = None
@@ -1099,9 +1111,16 @@ class Server:
             self.pool = ThreadPool(self.config.threads)
 
     # -- setting up --------------------------------------------------------------
-    def bind(self) -> None:
+    def bind(self, sockets: Sequence[socket.socket] | None = None) -> None:
+        """Listen as ``config`` says, or on ``sockets``, already listening.
+
+        ``sockets`` is for hosts that own the listening sockets (a gunicorn
+        master hands its workers the ones it bound).
+        """
         config = self.config
-        if config.fd is not None:
+        if sockets is not None:
+            self.listeners.extend(sockets)
+        elif config.fd is not None:
             # An inherited listening socket (from asyncapp serve --reload);
             # its family and type are read from the descriptor.
             self.listeners.append(socket.socket(fileno=config.fd))
@@ -1124,7 +1143,8 @@ class Server:
             sock.bind(address)
             self.listeners.append(sock)
         for sock in self.listeners:
-            sock.listen(config.backlog)
+            if sockets is None:
+                sock.listen(config.backlog)
             sock.setblocking(False)
         self.base_environ = self._base_environ()
         _raise_fd_limit(config.max_connections + 64)
