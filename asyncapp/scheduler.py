@@ -32,7 +32,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from .coroutine import StepDriver, thread_pinned, unpin_thread
 from .errors import ClientGone, UsageError
@@ -50,7 +50,7 @@ from .protocol import (
 )
 from .threadpool import ThreadPool
 
-__all__ = ["FD_SWEEP_INTERVAL", "AppTask", "Loop", "Timer", "Watch"]
+__all__ = ["FD_SWEEP_INTERVAL", "AppTask", "HostLoop", "Loop", "Timer", "Watch"]
 
 log = logging.getLogger("asyncapp.scheduler")
 
@@ -62,6 +62,32 @@ FD_SWEEP_INTERVAL: Final = 1.0
 
 _EVENT_READ: Final = selectors.EVENT_READ
 _EVENT_WRITE: Final = selectors.EVENT_WRITE
+
+
+class Cancellable(Protocol):
+    def cancel(self) -> None: ...
+
+
+class HostLoop(Protocol):
+    """What :class:`AppTask` needs of an event loop.
+
+    :class:`Loop` is the bundled server's; :class:`asyncapp.asgi.AsyncioLoop`
+    offers the same over a running asyncio loop, so the extensions have one
+    implementation (this module's :class:`AppTask`) on every host.
+    """
+
+    #: The thread that runs the loop, once it accepts calls from others.
+    owner: int | None
+
+    def call_soon(self, callback: Callable[[], None]) -> None: ...
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Cancellable: ...
+
+    def call_soon_threadsafe(self, callback: Callable[[], None]) -> None: ...
+
+    def watch(self, fd: int, write: bool, callback: Callable[[OSError | None], None]) -> Watch: ...
+
+    def unwatch(self, w: Watch) -> None: ...
 
 
 class Timer(list):  # type: ignore[type-arg]
@@ -601,7 +627,7 @@ class AppTask:
 
     def __init__(
         self,
-        loop: Loop,
+        loop: HostLoop,
         environ: dict[str, Any],
         *,
         own_input: Any = None,
@@ -624,8 +650,9 @@ class AppTask:
         self.done = False
         self.paused = False
         self._handle: WaitHandle | None = None
-        self._watch: Watch | None = None
-        self._timer: Timer | None = None
+        #: The pending wait's fd watch, or the reader's own wait (see _arm).
+        self._watch: Watch | Cancellable | None = None
+        self._timer: Cancellable | None = None
         self._fdevent_flag: TimeoutFlag | None = None
         #: True while a pool thread owns the app (see :meth:`start_in_thread`).
         self.threaded = False
@@ -684,7 +711,7 @@ class AppTask:
                 raise TypeError("an integer is required (uWSGI fdevent timeout)")
             if fd is None or not isinstance(fd, int):
                 raise TypeError("an integer is required (uWSGI fdevent fd)")
-            if fd in self.loop._fds:
+            if isinstance(self.loop, Loop) and fd in self.loop._fds:
                 raise OSError(errno.EEXIST, "uWSGI: fd already registered")
         if fd is None:
             raise TypeError("x-wsgiorg.fdevent needs a file descriptor")
@@ -723,9 +750,17 @@ class AppTask:
             self._timer = self.loop.call_later(max(0.0, timeout), self._on_timeout)
         if fd is None:
             return
-        if fd is self.reader and self.reader is not None and self.reader.ready_now():
-            self.loop.call_soon(lambda: self._decide("ready", None))
-            return
+        reader = self.reader
+        if fd is reader and reader is not None:
+            if reader.ready_now():
+                self.loop.call_soon(lambda: self._decide("ready", None))
+                return
+            wait_ready = getattr(reader, "wait_ready", None)
+            if wait_ready is not None:
+                # A reader with no fd of its own (the ASGI bridge's, fed from
+                # receive()) says itself when it has something.
+                self._watch = wait_ready(self._on_ready)
+                return
         if fileno is None:
             fileno = fd if isinstance(fd, int) else fd.fileno()
         try:
@@ -767,9 +802,13 @@ class AppTask:
             self._clear_wait()
 
     def _clear_wait(self) -> None:
-        if self._watch is not None:
-            self.loop.unwatch(self._watch)
+        watch = self._watch
+        if watch is not None:
             self._watch = None
+            if isinstance(watch, Watch):
+                self.loop.unwatch(watch)
+            else:
+                watch.cancel()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

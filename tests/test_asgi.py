@@ -1,0 +1,236 @@
+"""asyncapp.asgi.to_asgi on real ASGI servers: uvicorn (asyncio and uvloop) and hypercorn.
+
+Each server is a real process on loopback serving ``tests/asgi_apps.py``.
+The apps' waits must overlap without a thread each, plain apps must not
+block the server's loop, bodies arrive whole, a client that leaves gets its
+app closed, and the chat example works end to end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from server_client import Client, request_bytes
+
+from asyncapp.asgi import _environ
+
+pytestmark = pytest.mark.timeout(60)
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+WAIT = 10.0
+
+ENGINES = {
+    "uvicorn-asyncio": ["uvicorn", "--loop", "asyncio", "--http", "h11"],
+    "uvicorn-uvloop": ["uvicorn", "--loop", "uvloop", "--http", "httptools"],
+    "hypercorn": ["hypercorn"],
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def engine(name: str, target: str = "asgi_apps:app") -> Iterator[tuple[str, int]]:
+    port = free_port()
+    command = [str(BIN / ENGINES[name][0]), *ENGINES[name][1:]]
+    if name.startswith("uvicorn"):
+        command += [target, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    else:
+        command += [target, "--bind", f"127.0.0.1:{port}", "--log-level", "warning"]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{ROOT}"}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + WAIT
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+                assert time.monotonic() < deadline, f"{name} did not start"
+                time.sleep(0.05)
+        yield name, port
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(WAIT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(WAIT)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+@pytest.fixture(scope="module", params=list(ENGINES))
+def server(request: pytest.FixtureRequest) -> Iterator[tuple[str, int]]:
+    with engine(request.param) as running:
+        yield running
+
+
+def ask(port: int, path: str, body: bytes = b"", method: str = "GET") -> Any:
+    with Client(("127.0.0.1", port), timeout=WAIT) as client:
+        client.send(request_bytes(method, path, body))
+        return client.read_response(method)
+
+
+def stats(port: int) -> dict[str, Any]:
+    return json.loads(ask(port, "/stats").body)  # type: ignore[no-any-return]
+
+
+def test_hello_and_environ(server: tuple[str, int]) -> None:
+    _, port = server
+    response = ask(port, "/info?a=1")
+    info = json.loads(response.body)
+    assert info["PATH_INFO"] == "/info" and info["QUERY_STRING"] == "a=1"
+    assert info["REMOTE_ADDR"] == "127.0.0.1"
+    assert info["x-wsgiorg.async.version"] == [1, 0]
+    assert ask(port, "/missing").status == 404
+
+
+@pytest.mark.parametrize("path", ["/echo", "/green", "/plain"])
+def test_bodies_arrive_whole(server: tuple[str, int], path: str) -> None:
+    _, port = server
+    body = os.urandom(300_000)
+    response = ask(port, path, body, "POST")
+    prefix = {"/echo": b"", "/green": b"green:", "/plain": b"plain:"}[path]
+    assert response.status == 200
+    assert response.body == prefix + body
+
+
+def test_a_body_trickled_to_a_plain_app(server: tuple[str, int]) -> None:
+    _, port = server
+    with Client(("127.0.0.1", port), timeout=WAIT) as client:
+        client.send(request_bytes("POST", "/plain", headers=[("Content-Length", "5")]))
+        for byte in b"abcde":
+            time.sleep(0.02)  # separate segments (the scenario)
+            client.send(bytes([byte]))
+        assert client.read_response().body == b"plain:abcde"
+
+
+@pytest.mark.parametrize("path", ["/sleep?0.5", "/by-hand"])
+def test_40_waits_overlap_on_a_pool_of_4(server: tuple[str, int], path: str) -> None:
+    """40 waits behind a plain dispatcher on a pool of 4 threads: all at once."""
+    _, port = server
+    clients = [Client(("127.0.0.1", port), timeout=WAIT) for _ in range(40)]
+    try:
+        start = time.monotonic()
+        for client in clients:
+            client.send(request_bytes("GET", path))
+        statuses = [client.read_response().status for client in clients]
+        elapsed = time.monotonic() - start
+    finally:
+        for client in clients:
+            client.close()
+    assert statuses == [200] * 40
+    assert elapsed < 1.5, f"40 waits took {elapsed:.2f} s"
+
+
+def test_a_blocking_plain_view_stalls_nobody(server: tuple[str, int]) -> None:
+    _, port = server
+    done = threading.Event()
+
+    def slow() -> None:
+        assert ask(port, "/block").body == b"blocked"
+        done.set()
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    time.sleep(0.1)  # the blocking view is running (the scenario)
+    start = time.monotonic()
+    assert ask(port, "/info").status == 200
+    assert time.monotonic() - start < 0.5
+    assert not done.is_set()
+    thread.join(WAIT)
+    assert done.is_set()
+
+
+def test_a_client_that_leaves_gets_its_app_closed(server: tuple[str, int]) -> None:
+    _, port = server
+    before = stats(port)
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(request_bytes("GET", "/sleep?30"))
+        deadline = time.monotonic() + WAIT
+        while stats(port)["parked"] <= before["parked"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    deadline = time.monotonic() + WAIT
+    while stats(port)["closed"] <= before["closed"]:
+        assert time.monotonic() < deadline, "the app of a client that left was not closed"
+        time.sleep(0.02)
+
+
+def test_streams_and_errors(server: tuple[str, int]) -> None:
+    _, port = server
+    assert ask(port, "/stream").body == b"".join(b"%d\n" % n for n in range(100))
+    assert ask(port, "/raise").status == 500
+
+
+def test_the_chat_example_end_to_end() -> None:
+    with engine("uvicorn-uvloop", "asgi_apps:chat_app") as (_, port):
+        first = json.loads(ask(port, "/poll?cursor=0&timeout=0").body)
+        result: list[Any] = []
+
+        def poll() -> None:
+            result.append(json.loads(ask(port, f"/poll?cursor={first['cursor']}&timeout=20").body))
+
+        thread = threading.Thread(target=poll)
+        thread.start()
+        time.sleep(0.2)  # the poll is held (the scenario)
+        body = b"name=ann&message=hi"
+        with Client(("127.0.0.1", port), timeout=WAIT) as client:
+            client.send(
+                request_bytes(
+                    "POST", "/send", body, [("Content-Type", "application/x-www-form-urlencoded")]
+                )
+            )
+            assert client.read_response().status == 204
+        thread.join(WAIT)
+        assert [m["message"] for m in result[0]["messages"]] == ["hi"]
+
+
+def test_environ_from_scope() -> None:
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/app/caf\u00e9",
+        "root_path": "/app",
+        "query_string": b"x=1",
+        "http_version": "1.1",
+        "scheme": "https",
+        "server": ("example.com", 443),
+        "client": ("10.0.0.1", 5555),
+        "headers": [
+            (b"x-multi", b"a"),
+            (b"x-multi", b"b"),
+            (b"cookie", b"a=1"),
+            (b"cookie", b"b=2"),
+            (b"content-type", b"text/plain"),
+            (b"content_length", b"99"),
+        ],
+    }
+    environ = _environ(scope, True)
+    assert environ["SCRIPT_NAME"] == "/app"
+    assert environ["PATH_INFO"] == "/caf\u00c3\u00a9"  # UTF-8 bytes as latin-1 (PEP 3333)
+    assert environ["HTTP_X_MULTI"] == "a,b"
+    assert environ["HTTP_COOKIE"] == "a=1; b=2"
+    assert environ["CONTENT_TYPE"] == "text/plain"
+    assert "CONTENT_LENGTH" not in environ  # an underscore name is dropped
+    assert environ["wsgi.url_scheme"] == "https"
+    assert (environ["SERVER_NAME"], environ["SERVER_PORT"]) == ("example.com", "443")
+    assert (environ["REMOTE_ADDR"], environ["REMOTE_PORT"]) == ("10.0.0.1", "5555")
