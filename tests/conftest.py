@@ -64,12 +64,12 @@ Step: TypeAlias = tuple[Any, ...]
 Record: TypeAlias = dict[str, Any]
 
 STYLES = ("generator", "async", "green")
-HOST_KINDS = ("async+fdevent", "async", "fdevent", "uwsgi", "blocking")
+HOST_KINDS = ("async+fdevent", "async", "fdevent", "uwsgi", "asgi", "blocking")
 #: Hosts that suspend apps instead of blocking.
 NONBLOCKING_HOSTS = HOST_KINDS[:-1]
 #: Hosts whose body reads are non-blocking (``x-wsgiorg.async``); on the
 #: fdevent-only hosts the body is read with ordinary (pre-read) calls.
-ASYNC_READ_HOSTS = ("async+fdevent", "async")
+ASYNC_READ_HOSTS = ("async+fdevent", "async", "asgi")
 
 _HOST_OPTIONS: dict[str, dict[str, Any]] = {
     "async+fdevent": {"extensions": ("async", "fdevent")},
@@ -449,6 +449,60 @@ class BlockingServer:
         assert not stray, f"wsgiref server errors:\n{stray}"
 
 
+class AsgiServer:
+    """uvicorn in a thread, serving ``asyncapp.asgi.to_asgi`` of one app per path.
+
+    The dispatcher in front is a plain function, as an app's router would
+    be: the bridge calls it on its pool and moves the asyncapp app it
+    returns to uvicorn's loop.
+    """
+
+    def __init__(self) -> None:
+        import uvicorn
+
+        from asyncapp.asgi import to_asgi
+
+        self.apps: dict[str, WSGIApp] = {}
+        self._paths = itertools.count()
+        self._lock = threading.Lock()
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)
+        self.port: int = sock.getsockname()[1]
+        config = uvicorn.Config(
+            to_asgi(self._dispatch, threads=8),
+            loop="asyncio",
+            http="h11",
+            lifespan="off",
+            log_level="warning",
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(
+            target=lambda: self.server.run(sockets=[sock]), name="asgi-host", daemon=True
+        )
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.01)
+
+    def _dispatch(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        with self._lock:
+            app = self.apps.pop(environ["PATH_INFO"])
+        return app(environ, start_response)
+
+    def register(self, app: WSGIApp) -> str:
+        with self._lock:
+            path = f"/r{next(self._paths)}"
+            self.apps[path] = app
+        return path
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        assert not self.thread.is_alive(), "uvicorn did not stop"
+
+
 # -- hosts under test -------------------------------------------------------------
 
 
@@ -459,6 +513,7 @@ class Target:
     kind: str
     host: Host | None = None
     server: BlockingServer | None = None
+    asgi: AsgiServer | None = None
 
     @property
     def blocking(self) -> bool:
@@ -543,6 +598,35 @@ def _blocking_request(
     return _response(status, headers, data, log)
 
 
+def _asgi_request(
+    server: AsgiServer,
+    app: WSGIApp,
+    method: str,
+    segments: Sequence[bytes],
+    delay: float,
+    middleware: Middleware | None,
+) -> Response:
+    wrapped = app if middleware is None else middleware(app)
+    path = server.register(wrapped)
+    body = b"".join(segments)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=REQUEST_TIMEOUT)
+    with contextlib.closing(conn):
+        conn.putrequest(method, path)
+        if body or method in ("POST", "PUT"):
+            conn.putheader("Content-Type", "application/octet-stream")
+            conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders()
+        for index, segment in enumerate(segments):
+            if index and delay:
+                time.sleep(delay)  # pacing the client, not synchronisation
+            conn.send(segment)
+        with contextlib.closing(conn.getresponse()) as reply:
+            data = reply.read()
+            status = reply.status
+            headers = {k.lower(): v for k, v in reply.getheaders()}
+    return _response(status, headers, data)
+
+
 def _segments(body: bytes, segments: Sequence[bytes] | None) -> list[bytes]:
     if segments is None:
         return [body] if body else []
@@ -570,6 +654,8 @@ def serve(
     out (the app then sees wsgiref's own ``wsgi.input``).
     """
     parts = _segments(body, segments)
+    if target.asgi is not None:
+        return _asgi_request(target.asgi, app, method, parts, delay, middleware)
     if target.server is not None:
         return _blocking_request(
             target.server, app, method, parts, delay, middleware, strict, validate
@@ -598,6 +684,15 @@ def serve_many(
     blocking host each request comes from its own client thread.
     """
     start = time.monotonic()
+    if target.asgi is not None:
+        asgi = target.asgi
+        with ThreadPoolExecutor(max_workers=len(apps)) as pool:
+            futures = [
+                pool.submit(_asgi_request, asgi, app, method, [], 0.0, middleware)
+                for app in apps
+            ]
+            responses = [f.result(timeout=REQUEST_TIMEOUT * len(apps)) for f in futures]
+        return responses, time.monotonic() - start
     if target.server is not None:
         server = target.server
         with ThreadPoolExecutor(max_workers=len(apps)) as pool:
@@ -665,7 +760,7 @@ def no_fd_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     params = callspec.params if callspec is not None else {}
     kind = params.get("target", params.get("nonblocking_target"))
     marked = request.node.get_closest_marker("no_fd_leaks") is not None
-    if not marked or kind is None or kind == "blocking":
+    if not marked or kind is None or kind in ("blocking", "asgi"):
         yield
         return
     asyncapp.hosts._never_ready_fd()  # fdevent sleeps' pipe: one per process
@@ -675,7 +770,19 @@ def no_fd_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     assert not leaked, f"fds left open: {sorted(leaked)}"
 
 
+@pytest.fixture(scope="session")
+def asgi_server() -> Iterator[AsgiServer]:
+    server = AsgiServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
 def _target(request: pytest.FixtureRequest, kind: str) -> Iterator[Target]:
+    if kind == "asgi":
+        yield Target(kind, asgi=request.getfixturevalue("asgi_server"))
+        return
     if kind == "blocking":
         yield Target(kind, server=request.getfixturevalue("blocking_server"))
         return
