@@ -688,8 +688,7 @@ def serve_many(
         asgi = target.asgi
         with ThreadPoolExecutor(max_workers=len(apps)) as pool:
             futures = [
-                pool.submit(_asgi_request, asgi, app, method, [], 0.0, middleware)
-                for app in apps
+                pool.submit(_asgi_request, asgi, app, method, [], 0.0, middleware) for app in apps
             ]
             responses = [f.result(timeout=REQUEST_TIMEOUT * len(apps)) for f in futures]
         return responses, time.monotonic() - start
