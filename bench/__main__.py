@@ -2,7 +2,7 @@
 """``python -m bench``: asyncapp's bundled server against its peers.
 
 Creates (or reuses) the peers' virtualenv ``.bench-venv/`` with gevent,
-waitress, uvicorn, httptools and werkzeug installed by name from the
+waitress, uvicorn, httptools, werkzeug and gunicorn installed by name from the
 package index pip is configured with, then runs each scenario against each
 server on 127.0.0.1, on a free port, server pinned to CPU 0 and load
 generator to CPU 1 (when there are two), and kills every process it started
@@ -19,8 +19,11 @@ Scenarios (``--only`` takes these names, comma-separated):
   reads through each server's input.
 * ``suspend``: microseconds per readiness wait in each asyncapp style,
   timed inside the app, against the protocol called by hand.
+* ``blocking``: ``wrk -t1 -c32 -d5s`` on a plain app whose view sleeps
+  50 ms: asyncapp's thread pool against waitress and gunicorn's gthread
+  worker, 40 threads each.
 
-``--quick`` uses small counts (about 1.5 minutes in all); see
+``--quick`` uses small counts (about 2.5 minutes in all); see
 ``docs/benchmarks.md`` for what the numbers mean.
 """
 
@@ -61,9 +64,13 @@ PEER_REQUIREMENTS = [
     "uvicorn==0.54.0",
     "httptools==0.9.0",
     "Werkzeug==3.1.9",
+    # Not in PEERS.md: the blocking scenario's gthread worker (issue 9).
+    "gunicorn==27.0.1",
 ]
-PEER_DISTRIBUTIONS = ["gevent", "greenlet", "waitress", "uvicorn", "h11", "httptools", "Werkzeug"]
-SCENARIOS = ["hello", "longpoll", "upload", "suspend"]
+PEER_DISTRIBUTIONS = [
+    "gevent", "greenlet", "waitress", "uvicorn", "h11", "httptools", "Werkzeug", "gunicorn",
+]  # fmt: skip
+SCENARIOS = ["hello", "longpoll", "upload", "suspend", "blocking"]
 STYLES = ["plain", "gen", "async", "green"]
 
 
@@ -90,14 +97,18 @@ class Settings:
                 longpoll_rounds=3, upload_mib=20, upload_repeat=3, suspend_k=1000,
                 suspend_requests=10,
             )  # fmt: skip
-            s.budgets = {"hello": 90, "longpoll": 120, "upload": 60, "suspend": 30}
+            s.budgets = {
+                "hello": 90, "longpoll": 120, "upload": 60, "suspend": 30, "blocking": 90,
+            }  # fmt: skip
         else:
             s = cls(
                 quick=False, runs=3, hello_seconds=5, hello_warmup=2, longpoll_n=10000,
                 longpoll_rounds=3, upload_mib=100, upload_repeat=5, suspend_k=1000,
                 suspend_requests=20,
             )  # fmt: skip
-            s.budgets = {"hello": 900, "longpoll": 1200, "upload": 600, "suspend": 120}
+            s.budgets = {
+                "hello": 900, "longpoll": 1200, "upload": 600, "suspend": 120, "blocking": 300,
+            }  # fmt: skip
         if runs is not None:
             s.runs = runs
         if n is not None:
@@ -282,7 +293,39 @@ def _uvicorn(http: str) -> Callable[[str, int], list[str]]:
     return command
 
 
-def _asyncapp(style: str) -> Callable[[str, int], list[str]]:
+def _gunicorn(threads: int) -> Callable[[str, int], list[str]]:
+    """gunicorn's gthread worker: one worker process with ``threads`` threads."""
+
+    def command(app: str, port: int) -> list[str]:
+        return [
+            peer_python(),
+            "-m",
+            "gunicorn",
+            f"bench.peer_apps:{app}",
+            "--worker-class",
+            "gthread",
+            "--workers",
+            "1",
+            "--threads",
+            str(threads),
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--backlog",
+            "2048",
+            "--log-level",
+            "warning",
+            # No access log is gunicorn's default (no --access-logfile);
+            # a short grace so that SIGTERM ends it within _kill_group's wait.
+            "--graceful-timeout",
+            "2",
+            # gunicorn 25+ listens on ~/.gunicorn/gunicorn.ctl otherwise.
+            "--no-control-socket",
+        ]
+
+    return command
+
+
+def _asyncapp(style: str, *extra: str) -> Callable[[str, int], list[str]]:
     def command(app: str, port: int) -> list[str]:
         return [
             main_python(),
@@ -295,6 +338,7 @@ def _asyncapp(style: str) -> Callable[[str, int], list[str]]:
             "--no-access-log",
             "--log-level",
             "warning",
+            *extra,
         ]
 
     return command
@@ -311,7 +355,14 @@ SERVERS = [
     Server("werkzeug-threaded", _peer("werkzeug"), ALL),
     Server("uvicorn-h11", _uvicorn("h11"), ALL),
     Server("uvicorn-httptools", _uvicorn("httptools"), ALL),
-    Server("asyncapp-plain", _asyncapp("plain"), ("hello",),
+    Server("waitress-t40", _peer("waitress", "--threads", "40"), ("blocking",)),
+    Server("gunicorn-gthread-t40", _gunicorn(40), ("blocking",)),
+    # The default settings: plain apps run on the pool of Config.threads = 40.
+    Server("asyncapp-plain", _asyncapp("plain"), ("hello", "blocking"),
+           {"longpoll": "a plain WSGI app would hold one of the 40 pool threads per waiter",
+            "upload": "the upload apps read with asyncapp.read; a plain one holds a pool thread"}),
+    # threads=0: every app on the loop (the only mode before issue 9).
+    Server("asyncapp-plain-inline", _asyncapp("plain", "--threads", "0"), ("hello", "blocking"),
            {"longpoll": "a plain WSGI app cannot wait without blocking the loop",
             "upload": "wsgi.input reads block the loop; asyncapp apps use asyncapp.read"}),
     Server("asyncapp-gen", _asyncapp("gen"), ALL),
@@ -366,25 +417,32 @@ def parse_wrk(out: str) -> dict[str, Any]:
     }
 
 
-def bench_hello(s: Settings, log_dir: Path, deadline: float) -> dict[str, Any]:
+def _bench_wrk(
+    s: Settings, log_dir: Path, deadline: float, scenario: str, wrk_args: list[str]
+) -> dict[str, Any]:
+    """Every server of ``scenario``, ``s.runs`` times: its app under ``wrk``.
+
+    Each run is a fresh server, a warm-up, then the measured wrk run; the
+    figures are medians over the runs.
+    """
     results: dict[str, list[dict[str, Any]]] = {}
     failures: dict[str, str] = {}
     for run in range(s.runs):
         for server in SERVERS:
-            if "hello" not in server.scenarios or server.name in failures:
+            if scenario not in server.scenarios or server.name in failures:
                 continue
             if time.monotonic() > deadline:
                 failures.setdefault(server.name, "skipped: the scenario's time budget ran out")
                 continue
             port = free_port()
             url = f"http://127.0.0.1:{port}/"
-            print(f"  hello run {run + 1}/{s.runs}: {server.name}", file=sys.stderr)
+            print(f"  {scenario} run {run + 1}/{s.runs}: {server.name}", file=sys.stderr)
             try:
-                with running(server.command("hello", port), port, log_dir, server.name) as pid:
-                    warm = ["wrk", "-t1", "-c50", f"-d{s.hello_warmup}s", url]
+                with running(server.command(scenario, port), port, log_dir, server.name) as pid:
+                    warm = ["wrk", *wrk_args, f"-d{s.hello_warmup}s", url]
                     run_load(warm, s.hello_warmup + 30)
                     cpu0, t0 = cpu_seconds(pid), time.monotonic()
-                    cmd = ["wrk", "-t1", "-c50", f"-d{s.hello_seconds}s", "--latency", url]
+                    cmd = ["wrk", *wrk_args, f"-d{s.hello_seconds}s", "--latency", url]
                     done = run_load(cmd, s.hello_seconds + 30)
                     cpu = (cpu_seconds(pid) - cpu0) / (time.monotonic() - t0) * 100
             except (ServerFailed, subprocess.TimeoutExpired) as error:
@@ -410,21 +468,50 @@ def bench_hello(s: Settings, log_dir: Path, deadline: float) -> dict[str, Any]:
     return {"summary": summary, "failures": failures, "raw": results}
 
 
+def bench_hello(s: Settings, log_dir: Path, deadline: float) -> dict[str, Any]:
+    return _bench_wrk(s, log_dir, deadline, "hello", ["-t1", "-c50"])
+
+
+#: The plain app on the loop (``threads=0``): what the peer targets were set
+#: against before issue 9 put plain apps on a thread pool by default.
+INLINE = "asyncapp-plain-inline"
+#: Default settings (pool) against the inline mode, same run (issue 9).
+POOL_VS_INLINE = 0.85
+
+
 def report_hello(s: Settings, data: dict[str, Any]) -> tuple[str, list[list[str]]]:
     summary = data["summary"]
     base_gevent = summary.get("gevent.pywsgi+nodelay", {}).get("rps")
     base_uvicorn = summary.get("uvicorn-httptools", {}).get("rps")
     base_raw = summary.get("raw-asyncio", {}).get("rps")
+    base_inline = summary.get(INLINE, {}).get("rps")
     rows = []
     targets = []
     for name, r in sorted(summary.items(), key=lambda kv: -kv[1]["rps"]):
         target = ""
-        if name.startswith("asyncapp") and base_gevent and base_uvicorn:
+        if name == "asyncapp-plain":
+            # The default settings run the plain app on the pool: judged
+            # against the inline mode; the peer targets go to the inline row.
+            if base_inline:
+                ok = r["rps"] >= POOL_VS_INLINE * base_inline
+                target = verdict(ok)
+                targets.append(
+                    [
+                        "hello req/s, asyncapp-plain (default settings: 40-thread pool)",
+                        f">= {POOL_VS_INLINE}× {INLINE} (threads=0), same run",
+                        ratio(r["rps"], base_inline),
+                        verdict(ok),
+                    ]
+                )
+        elif name.startswith("asyncapp") and base_gevent and base_uvicorn:
             ok = r["rps"] >= 2.0 * base_gevent and r["rps"] >= 0.75 * base_uvicorn
             target = verdict(ok)
+            what = f"hello req/s, {name}"
+            if name == INLINE:
+                what += " (threads=0, the plain app as measured before issue 9)"
             targets.append(
                 [
-                    f"hello req/s, {name}",
+                    what,
                     ">= 2.0× gevent.pywsgi+nodelay and >= 0.75× uvicorn-httptools",
                     f"{ratio(r['rps'], base_gevent)} / {ratio(r['rps'], base_uvicorn)}",
                     verdict(ok),
@@ -438,6 +525,7 @@ def report_hello(s: Settings, data: dict[str, Any]) -> tuple[str, list[list[str]
                 ratio(r["rps"], base_gevent),
                 ratio(r["rps"], base_uvicorn),
                 ratio(r["rps"], base_raw),
+                ratio(r["rps"], base_inline),
                 num(r["p99_ms"], 2),
                 num(r["cpu_pct"]),
                 str(r["errors"]),
@@ -451,6 +539,7 @@ def report_hello(s: Settings, data: dict[str, Any]) -> tuple[str, list[list[str]
         "× gevent.pywsgi+nodelay",
         "× uvicorn-httptools",
         "× raw-asyncio",
+        f"× {INLINE}",
         "p99 ms",
         "server CPU %",
         "errors",
@@ -459,10 +548,95 @@ def report_hello(s: Settings, data: dict[str, Any]) -> tuple[str, list[list[str]
     text = (
         f"### 1. Hello world: `wrk -t1 -c50 -d{s.hello_seconds}s --latency`, keep-alive\n\n"
         f"Median of {s.runs} run(s), each on a fresh server after a {s.hello_warmup} s "
-        "warm-up; 13-byte text/plain body with Content-Length. Target (asyncapp rows): "
-        ">= 2.0× gevent.pywsgi+nodelay and >= 0.75× uvicorn-httptools.\n\n"
+        "warm-up; 13-byte text/plain body with Content-Length. asyncapp-plain runs "
+        "the plain app with the default settings (on the pool of 40 threads); "
+        f"{INLINE} runs it with `--threads 0`, on the loop, as every plain-app figure "
+        f"before issue 9 did. Targets: asyncapp-plain >= {POOL_VS_INLINE}× {INLINE}; "
+        "the other asyncapp rows (the inline plain app, generator, async def, "
+        "greenlet) >= 2.0× gevent.pywsgi+nodelay and >= 0.75× uvicorn-httptools.\n\n"
         + table(header, rows)
         + _failures(data)
+    )
+    return text, targets
+
+
+# -- scenario 6: a plain app that blocks ----------------------------------------
+BLOCKING_CLIENTS = 32
+BLOCKING_SECONDS = 0.05  # the app's time.sleep, bench/peer_apps.py and asyncapp_apps.py
+BLOCKING_THREADS = 40
+#: What each server may reach: every client always has a request in a 50 ms view.
+BLOCKING_CEILING = BLOCKING_CLIENTS / BLOCKING_SECONDS
+
+
+def bench_blocking(s: Settings, log_dir: Path, deadline: float) -> dict[str, Any]:
+    # --timeout: the inline row answers one request per 50 ms for all 32
+    # clients (1.6 s each), near wrk's default 2 s.
+    wrk_args = ["-t1", f"-c{BLOCKING_CLIENTS}", "--timeout", "10s"]
+    return _bench_wrk(s, log_dir, deadline, "blocking", wrk_args)
+
+
+def report_blocking(s: Settings, data: dict[str, Any]) -> tuple[str, list[list[str]]]:
+    summary = data["summary"]
+    base_waitress = summary.get("waitress-t40", {}).get("rps")
+    base_gunicorn = summary.get("gunicorn-gthread-t40", {}).get("rps")
+    rows = []
+    targets = []
+    for name, r in sorted(summary.items(), key=lambda kv: -kv[1]["rps"]):
+        target = ""
+        if name == "asyncapp-plain" and base_waitress and base_gunicorn:
+            ok = r["rps"] >= base_waitress and r["rps"] >= base_gunicorn
+            target = verdict(ok)
+            targets.append(
+                [
+                    "blocking 50 ms view req/s, asyncapp-plain (default settings: 40 threads)",
+                    ">= 1.0× waitress-t40 and >= 1.0× gunicorn-gthread-t40",
+                    f"{ratio(r['rps'], base_waitress)} / {ratio(r['rps'], base_gunicorn)}",
+                    verdict(ok),
+                ]
+            )
+        rows.append(
+            [
+                name,
+                num(r["rps"]),
+                f"{num(r['rps_min'])}–{num(r['rps_max'])}",
+                ratio(r["rps"], base_waitress),
+                ratio(r["rps"], base_gunicorn),
+                ratio(r["rps"], BLOCKING_CEILING),
+                num(r["p99_ms"], 2),
+                num(r["cpu_pct"]),
+                str(r["errors"]),
+                target,
+            ]
+        )
+    header = [
+        "server",
+        "req/s (median)",
+        "min–max",
+        "× waitress-t40",
+        "× gunicorn-gthread-t40",
+        f"× {BLOCKING_CEILING:.0f} (ceiling)",
+        "p99 ms",
+        "server CPU %",
+        "errors",
+        "target",
+    ]
+    pool_ceiling = BLOCKING_THREADS / BLOCKING_SECONDS
+    text = (
+        f"### 6. A plain app that blocks: `wrk -t1 -c{BLOCKING_CLIENTS} "
+        f"-d{s.hello_seconds}s --latency`, keep-alive\n\n"
+        f"The view sleeps {BLOCKING_SECONDS * 1000:.0f} ms (`time.sleep`), then answers "
+        f"a 5-byte text/plain body. Median of {s.runs} run(s), each on a fresh server "
+        f"after a {s.hello_warmup} s warm-up. asyncapp-plain: the default settings "
+        f"(`Config.threads` = {BLOCKING_THREADS}); waitress-t40: `waitress.serve("
+        f"threads={BLOCKING_THREADS})`; gunicorn-gthread-t40: `gunicorn -k gthread -w 1 "
+        f"--threads {BLOCKING_THREADS}`; {INLINE} (`--threads 0`, the only mode before "
+        "issue 9) for reference: one request per 50 ms at most, and the requests the "
+        "warm-up left queued (32 × 50 ms) eat into its measured run. Ceiling: "
+        f"{BLOCKING_THREADS} threads / {BLOCKING_SECONDS} s = {pool_ceiling:.0f} req/s, "
+        f"but {BLOCKING_CLIENTS} clients with one request each in flight / "
+        f"{BLOCKING_SECONDS} s = {BLOCKING_CEILING:.0f} req/s, which no server can pass. "
+        "Target: asyncapp-plain >= 1.0× waitress-t40 and >= 1.0× "
+        "gunicorn-gthread-t40.\n\n" + table(header, rows) + _failures(data)
     )
     return text, targets
 
@@ -881,6 +1055,7 @@ BENCHES = {
     "longpoll": (bench_longpoll, report_longpoll),
     "upload": (bench_upload, report_upload),
     "suspend": (bench_suspend, report_suspend),
+    "blocking": (bench_blocking, report_blocking),
 }
 
 
@@ -915,7 +1090,7 @@ def render(run: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small counts, about 1.5 minutes")
+    parser.add_argument("--quick", action="store_true", help="small counts, about 2.5 minutes")
     parser.add_argument(
         "--only", default=None, help=f"comma-separated scenarios: {', '.join(SCENARIOS)}"
     )
@@ -953,8 +1128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unknown server(s) {bad}; pick from {sorted(known)}")
         SERVERS[:] = [server for server in SERVERS if server.name in wanted]
     settings = Settings.make(args.quick, args.runs, args.n)
-    if "hello" in only and shutil.which("wrk") is None:
-        raise SystemExit("wrk is not installed: apt-get install -y wrk (or --only without hello)")
+    if {"hello", "blocking"} & set(only) and shutil.which("wrk") is None:
+        raise SystemExit(
+            "wrk is not installed: apt-get install -y wrk (or --only without hello, blocking)"
+        )
     if args.output:
         path = Path(args.output)
     elif args.only is None:

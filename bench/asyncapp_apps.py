@@ -1,6 +1,7 @@
 """The apps the bundled server runs, in each of asyncapp's styles.
 
-``plain`` is an ordinary PEP 3333 app; ``gen`` is ``@asyncapp.coroutine``
+``plain`` is an ordinary PEP 3333 app (run on the server's thread pool by
+default, on the loop with ``--threads 0``); ``gen`` is ``@asyncapp.coroutine``
 over a generator (``yield from``); ``async`` the same over an ``async def``
 (``await``); ``green`` is ``@asyncapp.green.app`` (plain calls that suspend
 the greenlet). Every response carries a Content-Length, like the peers'.
@@ -60,6 +61,18 @@ async def hello_async(environ: Environ, start_response: StartResponse) -> Any:
 def hello_green(environ: Environ, start_response: StartResponse) -> list[bytes]:
     start_response("200 OK", HEADERS[:])
     return [HELLO]
+
+
+# -- a plain app that blocks ----------------------------------------------------
+BLOCK_SECONDS = 0.05  # as bench/peer_apps.py
+SLEPT = b"slept"
+
+
+def blocking_plain(environ: Environ, start_response: StartResponse) -> list[bytes]:
+    """A plain view that blocks 50 ms: on the pool by default, on the loop with threads=0."""
+    time.sleep(BLOCK_SECONDS)
+    start_response("200 OK", _headers(SLEPT))
+    return [SLEPT]
 
 
 # -- long polls --------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The WSGI apps the peer WSGI servers run (gevent.pywsgi, waitress, werkzeug).
+"""The WSGI apps the peer WSGI servers run (gevent.pywsgi, waitress, werkzeug, gunicorn).
 
 Runs in the peers virtualenv: imports neither asyncapp nor anything a
 server does not ship. Each long-poll app blocks on its framework's natural
@@ -14,6 +14,7 @@ requests are held right now.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -22,6 +23,9 @@ StartResponse = Callable[..., Any]
 WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
 
 HELLO = b"Hello, world!"  # 13 bytes, as in the peers' baseline
+#: The blocking view: sleeps this long, then answers SLEPT.
+BLOCK_SECONDS = 0.05
+SLEPT = b"slept"
 TEXT = "text/plain"
 READ_SIZE = 65536
 
@@ -33,6 +37,12 @@ def _reply(start_response: StartResponse, body: bytes) -> list[bytes]:
 
 def hello(environ: Environ, start_response: StartResponse) -> list[bytes]:
     return _reply(start_response, HELLO)
+
+
+def blocking(environ: Environ, start_response: StartResponse) -> list[bytes]:
+    """A view that blocks its thread 50 ms (a slow query, say), then answers."""
+    time.sleep(BLOCK_SECONDS)
+    return _reply(start_response, SLEPT)
 
 
 def upload(environ: Environ, start_response: StartResponse) -> list[bytes]:

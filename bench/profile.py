@@ -15,7 +15,10 @@ samples, by own time and including callees. WHAT is one of:
 py-spy samples the server's Python stacks; time spent in a system call is
 charged to the Python function that made it (``Connection.write`` is the
 ``send``). Greenlet stacks cannot be unwound: their samples show as
-``(greenlet)``. Every process started is killed at the end.
+``(greenlet)``. Plain apps run on the server's thread pool by default:
+``--gil`` keeps only the samples holding the GIL (the pool's idle threads
+wait in a C call that py-spy does not see as idle), ``--threads 0`` runs
+them on the loop instead. Every process started is killed at the end.
 """
 
 from __future__ import annotations
@@ -113,6 +116,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="sampling time")
     parser.add_argument("--rate", type=int, default=500, help="samples per second")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument(
+        "--threads",
+        default=None,
+        help="the server's --threads (default: its own, 40; 0 runs plain apps on the loop)",
+    )
+    parser.add_argument(
+        "--gil",
+        action="store_true",
+        help="only samples holding the GIL (py-spy --gil): idle pool threads blocked "
+        "in a C call otherwise fill the profile",
+    )
     args = parser.parse_args(argv)
     kind, _, style = args.what.partition("-")
     if kind not in ("hello", "upload", "suspend", "longpoll") or not style:
@@ -125,6 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     port = free_port()
     cmd = [main_python(), "-m", "asyncapp", "serve", app, "--port", str(port)]
     cmd += ["--no-access-log", "--log-level", "warning"]
+    if args.threads is not None:
+        cmd += ["--threads", str(args.threads)]
     with tempfile.TemporaryDirectory(prefix="asyncapp-profile-") as tmp:
         out = Path(tmp) / "stacks.txt"
         with running(cmd, port, Path(tmp), "asyncapp") as pid:
@@ -133,11 +149,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             time.sleep(0.5)  # let the load get going
             record = [_py_spy(), "record", "--pid", str(pid), "-d", str(int(args.seconds))]
             record += ["-r", str(args.rate), "-f", "raw", "-o", str(out)]
+            if args.gil:
+                record.append("--gil")
             subprocess.run(record, capture_output=True, timeout=args.seconds + 60, check=False)
             load.join(args.seconds + 150)
         text = out.read_text() if out.exists() else ""
     pinned = f", load on CPU {min(LOAD_CPUS)}" if LOAD_CPUS else ""
-    print(f"py-spy, {args.what}, {args.seconds:g} s at {args.rate}/s{pinned}")
+    flags = f", --threads {args.threads}" if args.threads is not None else ""
+    flags += ", GIL holders only" if args.gil else ""
+    print(f"py-spy, {args.what}{flags}, {args.seconds:g} s at {args.rate}/s{pinned}")
     print(summarize(text, args.top))
     return 0
 

@@ -3,7 +3,8 @@
 SERVER is ``gevent`` (``--nodelay`` sets TCP_NODELAY on accepted sockets,
 which gevent.pywsgi does not do), ``waitress`` (``--threads``) or
 ``werkzeug`` (the threaded development server). APP is ``hello``,
-``upload`` or ``longpoll``. Access logs are off everywhere, listen backlogs
+``upload``, ``longpoll`` or ``blocking``. (gunicorn runs from its own
+command line: ``bench/__main__.py``, ``_gunicorn``.) Access logs are off everywhere, listen backlogs
 are 2048 like asyncapp's and uvicorn's, and everything stops on SIGTERM.
 Runs in the peers virtualenv.
 """
@@ -73,7 +74,7 @@ def run_werkzeug(app_name: str, port: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("server", choices=["gevent", "waitress", "werkzeug"])
-    parser.add_argument("app", choices=["hello", "upload", "longpoll"])
+    parser.add_argument("app", choices=["hello", "upload", "longpoll", "blocking"])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--nodelay", action="store_true")
     parser.add_argument("--threads", type=int, default=4)
