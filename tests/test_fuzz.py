@@ -298,6 +298,9 @@ def live() -> Iterator[Any]:
         keepalive_timeout=LIVE_TIMEOUT,
         body_timeout=LIVE_TIMEOUT,
         shutdown_grace=1.0,
+        # The app picks its style by the client's port: forwarding headers
+        # that the fuzzer makes up must not replace it.
+        forwarded_allow_ips="",
         # The same small limits as the sans-IO pass, so both reach them.
         max_request_line=FUZZ_CONFIG.max_request_line,
         max_header_size=FUZZ_CONFIG.max_header_size,
