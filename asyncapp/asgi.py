@@ -186,7 +186,9 @@ class BodyReader:
 
     def __init__(self, exchange: _Exchange) -> None:
         self.exchange = exchange
-        self.chunks: deque[bytes] = deque()
+        # Made at the first body bytes: a deque is half a kilobyte, and most
+        # held requests (long polls) have no body.
+        self.chunks: deque[bytes] | None = None
         self.buffered = 0
         #: More body may come.
         self.more = True
@@ -231,6 +233,8 @@ class BodyReader:
 
     def feed(self, data: bytes, more: bool) -> None:
         if data:
+            if self.chunks is None:
+                self.chunks = deque()
             self.chunks.append(data)
             self.buffered += len(data)
         if not more:
@@ -340,7 +344,7 @@ class _Exchange(AppTask):
         self.status: str | None = None
         self.headers: list[tuple[bytes, bytes]] | None = None
         self._started = False
-        self._out: deque[bytes] = deque()
+        self._out: deque[bytes] | None = None  # made at the first chunk
         self._out_bytes = 0
         self._sender: asyncio.Task[None] | None = None
         self._feeder: asyncio.Task[None] | None = None
@@ -409,6 +413,8 @@ class _Exchange(AppTask):
             data = bytes(data)
         if self.status is None:
             raise ResponseError("the app sent body data before calling start_response()")
+        if self._out is None:
+            self._out = deque()
         self._out.append(data)
         self._out_bytes += len(data)
         self._kick()
@@ -486,10 +492,13 @@ class _Exchange(AppTask):
     async def _feed(self) -> None:
         reader = self.reader
         assert isinstance(reader, BodyReader)
-        reader.resume = resume = asyncio.Event()
         receive = self._receive
         while True:
             if reader.more and reader.buffered >= MAX_BODY_BUFFER:
+                # Made only when needed: most requests never fill the buffer.
+                resume = reader.resume
+                if resume is None:
+                    resume = reader.resume = asyncio.Event()
                 resume.clear()
                 await resume.wait()
                 continue
