@@ -800,8 +800,11 @@ class Connection:
             event = events.pop()
             if event.__class__ is bytes:
                 self.buffered_body -= len(event)  # type: ignore[arg-type,unused-ignore]
-        if not events:
-            return False
+        exchange = self.exchange
+        if not events and (exchange is None or not exchange.body_done):
+            return False  # the bad bytes are the current request's own
+        # A request is ahead of it (queued, or in progress with its body
+        # read: a long poll, say): it is answered first.
         self.pending_error = error
         self._set_reading(False)
         return True

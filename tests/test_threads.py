@@ -748,3 +748,38 @@ def test_pool_threads_are_bounded_and_reused(tmp_path: Any) -> None:
         finally:
             for client in clients:
                 client.close()
+
+
+def test_garbage_pipelined_behind_a_held_request_is_answered_after_it() -> None:
+    """A malformed request that arrives while the one before it is still
+    being served (a long poll) must not get its 400 sent as that one's answer."""
+    release = asyncapp.Event()
+
+    @asyncapp.coroutine
+    def poll(environ: Environ, start_response: StartResponse) -> Iterator[Any]:
+        if environ["PATH_INFO"] == "/release":
+            release.set()
+            start_response("200 OK", TEXT)
+            yield b"released"
+            return
+        while (yield from asyncapp.read(environ, 65536, timeout=WAIT)):
+            pass  # the whole body first: its end is no longer queued
+        fired = yield from release.wait(environ, timeout=WAIT)
+        start_response("200 OK", TEXT)
+        yield b"fired" if fired else b"timeout"
+
+    with running(poll) as server, Client(server.address) as client:
+        client.send(request_bytes("POST", "/held", b"a body"))
+        deadline = time.monotonic() + WAIT
+        while not any(c.exchange for c in list(server.connections)):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        client.send(b"GARBAGE\r\n\r\n")
+        assert client.silent_for(0.2), "the 400 went out before the held response"
+        with Client(server.address) as other:
+            other.send(get("/release"))
+            assert other.read_response().body == b"released"
+        first = client.read_response()
+        assert (first.status, first.body) == (200, b"fired")
+        assert client.read_response().status == 400
+    release.close()
