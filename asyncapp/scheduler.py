@@ -981,13 +981,7 @@ class AppTask:
         self.threaded = False
         if error is None and thread is not None:
             error = thread.failure
-        if self.done:
-            return
-        self.done = True
-        if self._handle is not None:
-            self._handle.cancel()
-        self._clear_wait()
-        self.finished(error)
+        self._finish(error, close=False)  # closed on its thread already
 
     def _last_from_thread(self, data: bytes) -> None:
         thread = self._thread
@@ -1031,12 +1025,13 @@ class AppTask:
             return
         thread.wake(data)
 
-    def _finish(self, error: BaseException | None) -> None:
+    def _finish(self, error: BaseException | None, close: bool = True) -> None:
         if self.done:
             return
         self.done = True
         if self._handle is not None:
             self._handle.cancel()
         self._clear_wait()
-        error = close_app(self.result if self.result is not None else self.iterable, error)
+        if close:
+            error = close_app(self.result if self.result is not None else self.iterable, error)
         self.finished(error)

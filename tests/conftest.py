@@ -576,22 +576,7 @@ def _blocking_request(
     if middleware is not None:
         wrapped = middleware(wrapped)
     path = server.register(check(wrapped))
-    body = b"".join(segments)
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=REQUEST_TIMEOUT)
-    with contextlib.closing(conn):
-        conn.putrequest(method, path)
-        if body or method in ("POST", "PUT"):
-            conn.putheader("Content-Type", "application/octet-stream")
-            conn.putheader("Content-Length", str(len(body)))
-        conn.endheaders()
-        for index, segment in enumerate(segments):
-            if index and delay:
-                time.sleep(delay)  # pacing the client, not synchronisation
-            conn.send(segment)
-        with contextlib.closing(conn.getresponse()) as reply:
-            data = reply.read()
-            status = reply.status
-            headers = {k.lower(): v for k, v in reply.getheaders()}
+    status, headers, data = _http_request(server.port, method, path, segments, delay)
     log = server.finished_log(path, REQUEST_TIMEOUT)
     if strict:
         assert not log, f"wsgiref/validator complained:\n{log}"
@@ -608,8 +593,16 @@ def _asgi_request(
 ) -> Response:
     wrapped = app if middleware is None else middleware(app)
     path = server.register(wrapped)
+    status, headers, data = _http_request(server.port, method, path, segments, delay)
+    return _response(status, headers, data)
+
+
+def _http_request(
+    port: int, method: str, path: str, segments: Sequence[bytes], delay: float
+) -> tuple[int, dict[str, str], bytes]:
+    """One request to 127.0.0.1:``port``, its body sent in paced segments."""
     body = b"".join(segments)
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=REQUEST_TIMEOUT)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=REQUEST_TIMEOUT)
     with contextlib.closing(conn):
         conn.putrequest(method, path)
         if body or method in ("POST", "PUT"):
@@ -622,9 +615,8 @@ def _asgi_request(
             conn.send(segment)
         with contextlib.closing(conn.getresponse()) as reply:
             data = reply.read()
-            status = reply.status
             headers = {k.lower(): v for k, v in reply.getheaders()}
-    return _response(status, headers, data)
+            return reply.status, headers, data
 
 
 def _segments(body: bytes, segments: Sequence[bytes] | None) -> list[bytes]:

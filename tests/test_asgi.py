@@ -11,9 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -22,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from engine_process import serving
 from server_client import Client, request_bytes
 
 from asyncapp.asgi import _environ
 
 pytestmark = pytest.mark.timeout(60)
 
-ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 WAIT = 10.0
 
@@ -39,42 +37,16 @@ ENGINES = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextlib.contextmanager
 def engine(name: str, target: str = "asgi_apps:app") -> Iterator[tuple[str, int]]:
-    port = free_port()
-    command = [str(BIN / ENGINES[name][0]), *ENGINES[name][1:]]
-    if name.startswith("uvicorn"):
-        command += [target, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
-    else:
-        command += [target, "--bind", f"127.0.0.1:{port}", "--log-level", "warning"]
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{ROOT}"}
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + WAIT
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-                assert time.monotonic() < deadline, f"{name} did not start"
-                time.sleep(0.05)
+    def command(port: int) -> list[str]:
+        argv = [str(BIN / ENGINES[name][0]), *ENGINES[name][1:], target, "--log-level", "warning"]
+        if name.startswith("uvicorn"):
+            return [*argv, "--host", "127.0.0.1", "--port", str(port)]
+        return [*argv, "--bind", f"127.0.0.1:{port}"]
+
+    with serving(command, name) as port:
         yield name, port
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(WAIT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(WAIT)
-        if proc.stdout is not None:
-            proc.stdout.close()
 
 
 @pytest.fixture(scope="module", params=list(ENGINES))

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -20,64 +17,34 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from engine_process import TESTS, serving
 from server_client import Client, request_bytes
 
 pytestmark = pytest.mark.timeout(60)
 
-ROOT = Path(__file__).resolve().parent.parent
-TESTS = ROOT / "tests"
 WAIT = 10.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextlib.contextmanager
 def gevent_server(kind: str) -> Iterator[int]:
-    port = free_port()
-    if kind == "gunicorn-gevent":
-        command = [
-            str(Path(sys.executable).parent / "gunicorn"),
-            "-k",
-            "gevent",
-            "-w",
-            "1",
-            "-b",
-            f"127.0.0.1:{port}",
-            "gevent_apps:app",
-        ]
-    else:
-        command = [sys.executable, str(TESTS / "gevent_apps.py"), str(port)]
-        if kind == "pywsgi-patched":
-            command.append("--patch")
-    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{ROOT}"}
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + WAIT
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    raise AssertionError(
-                        proc.stderr.read().decode() if proc.stderr else ""
-                    ) from None
-                assert time.monotonic() < deadline, f"{kind} did not start"
-                time.sleep(0.05)
+    def command(port: int) -> list[str]:
+        if kind == "gunicorn-gevent":
+            gunicorn = str(Path(sys.executable).parent / "gunicorn")
+            return [
+                gunicorn,
+                "-k",
+                "gevent",
+                "-w",
+                "1",
+                "-b",
+                f"127.0.0.1:{port}",
+                "gevent_apps:app",
+            ]
+        argv = [sys.executable, str(TESTS / "gevent_apps.py"), str(port)]
+        return [*argv, "--patch"] if kind == "pywsgi-patched" else argv
+
+    with serving(command, kind) as port:
         yield port
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(WAIT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(WAIT)
-        if proc.stderr is not None:
-            proc.stderr.close()
 
 
 @pytest.fixture(scope="module", params=["pywsgi", "pywsgi-patched", "gunicorn-gevent"])
