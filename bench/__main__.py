@@ -22,8 +22,13 @@ Scenarios (``--only`` takes these names, comma-separated):
 * ``blocking``: ``wrk -t1 -c32 -d5s`` on a plain app whose view sleeps
   50 ms: asyncapp's thread pool against waitress and gunicorn's gthread
   worker, 40 threads each.
+* ``engines`` (issue 10): hello and held long polls through
+  ``asyncapp.asgi.to_asgi`` on uvicorn (httptools + uvloop) against
+  uvicorn's native ASGI app and a2wsgi on the same uvicorn, and through
+  ``gunicorn -k asyncapp.gunicorn.Worker`` against the bundled server alone
+  and ``gunicorn -k gevent``.
 
-``--quick`` uses small counts (about 2.5 minutes in all); see
+``--quick`` uses small counts (about 4 minutes in all); see
 ``docs/benchmarks.md`` for what the numbers mean.
 """
 
@@ -66,11 +71,20 @@ PEER_REQUIREMENTS = [
     "Werkzeug==3.1.9",
     # Not in PEERS.md: the blocking scenario's gthread worker (issue 9).
     "gunicorn==27.0.1",
+    # Not in PEERS.md: the engines scenario (issue 10), at the versions of
+    # the project's .venv, which runs to_asgi on the same uvicorn.
+    "uvloop==0.23.0",
+    "a2wsgi==1.10.10",
+    # gunicorn's gevent worker imports it (gunicorn[gevent]).
+    "packaging==26.4",
 ]
 PEER_DISTRIBUTIONS = [
     "gevent", "greenlet", "waitress", "uvicorn", "h11", "httptools", "Werkzeug", "gunicorn",
+    "uvloop", "a2wsgi",
 ]  # fmt: skip
-SCENARIOS = ["hello", "longpoll", "upload", "suspend", "blocking"]
+#: What the project's .venv runs the engines with (to_asgi, the gunicorn worker).
+ENGINE_DISTRIBUTIONS = ["uvicorn", "httptools", "uvloop", "gunicorn", "a2wsgi"]
+SCENARIOS = ["hello", "longpoll", "upload", "suspend", "blocking", "engines"]
 STYLES = ["plain", "gen", "async", "green"]
 
 
@@ -99,6 +113,7 @@ class Settings:
             )  # fmt: skip
             s.budgets = {
                 "hello": 90, "longpoll": 120, "upload": 60, "suspend": 30, "blocking": 90,
+                "engines": 420,
             }  # fmt: skip
         else:
             s = cls(
@@ -108,6 +123,7 @@ class Settings:
             )  # fmt: skip
             s.budgets = {
                 "hello": 900, "longpoll": 1200, "upload": 600, "suspend": 120, "blocking": 300,
+                "engines": 2100,
             }  # fmt: skip
         if runs is not None:
             s.runs = runs
@@ -253,6 +269,8 @@ class Server:
     command: Callable[[str, int], list[str]]
     scenarios: tuple[str, ...]
     skip: dict[str, str] = field(default_factory=dict)
+    #: Held long polls at most (a thread per request cannot hold 10,000).
+    longpoll_n: int | None = None
 
 
 def _raw(app: str, port: int) -> list[str]:
@@ -266,63 +284,114 @@ def _peer(server: str, *extra: str) -> Callable[[str, int], list[str]]:
     return command
 
 
+def _uvicorn_cmd(python: str, target: str, port: int, http: str, loop: str) -> list[str]:
+    return [
+        python,
+        "-m",
+        "uvicorn",
+        target,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--http",
+        http,
+        "--loop",
+        loop,
+        "--lifespan",
+        "off",
+        "--no-access-log",
+        "--log-level",
+        "warning",
+        "--backlog",
+        "2048",
+    ]
+
+
 def _uvicorn(http: str) -> Callable[[str, int], list[str]]:
     def command(app: str, port: int) -> list[str]:
-        return [
-            peer_python(),
-            "-m",
-            "uvicorn",
-            f"bench.asgi_apps:{app}",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--http",
-            http,
-            "--loop",
-            "asyncio",
-            "--lifespan",
-            "off",
-            "--no-access-log",
-            "--log-level",
-            "warning",
-            "--backlog",
-            "2048",
-        ]
+        return _uvicorn_cmd(peer_python(), f"bench.asgi_apps:{app}", port, http, "asyncio")
 
     return command
+
+
+def _uvloop(module: str, style: str = "") -> Callable[[str, int], list[str]]:
+    """uvicorn with httptools and uvloop (issue 10's setting) serving ``module``'s app.
+
+    ``bench.asgi_apps`` (the native ASGI app) and ``bench.peer_apps``
+    (``a2wsgi_APP[_STYLE]``) run in the peers' venv, ``bench.engine_apps``
+    (``asgi_APP_STYLE``: to_asgi) in the project's, with the same versions.
+    """
+
+    def command(app: str, port: int) -> list[str]:
+        if module == "bench.engine_apps":
+            python, target = main_python(), f"{module}:asgi_{app}_{style}"
+        elif module == "bench.peer_apps":
+            suffix = f"_{style}" if style else ""
+            python, target = peer_python(), f"{module}:a2wsgi_{app}{suffix}"
+        else:
+            python, target = peer_python(), f"{module}:{app}"
+        return _uvicorn_cmd(python, target, port, "httptools", "uvloop")
+
+    return command
+
+
+def _gunicorn_cmd(python: str, target: str, port: int, *worker: str) -> list[str]:
+    return [
+        python,
+        "-m",
+        "gunicorn",
+        target,
+        *worker,
+        "--workers",
+        "1",
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--backlog",
+        "2048",
+        "--log-level",
+        "warning",
+        # No access log is gunicorn's default (no --access-logfile);
+        # a short grace so that SIGTERM ends it within _kill_group's wait.
+        "--graceful-timeout",
+        "2",
+        # gunicorn 25+ listens on ~/.gunicorn/gunicorn.ctl otherwise.
+        "--no-control-socket",
+    ]
 
 
 def _gunicorn(threads: int) -> Callable[[str, int], list[str]]:
     """gunicorn's gthread worker: one worker process with ``threads`` threads."""
 
     def command(app: str, port: int) -> list[str]:
-        return [
-            peer_python(),
-            "-m",
-            "gunicorn",
-            f"bench.peer_apps:{app}",
-            "--worker-class",
-            "gthread",
-            "--workers",
-            "1",
-            "--threads",
-            str(threads),
-            "--bind",
-            f"127.0.0.1:{port}",
-            "--backlog",
-            "2048",
-            "--log-level",
-            "warning",
-            # No access log is gunicorn's default (no --access-logfile);
-            # a short grace so that SIGTERM ends it within _kill_group's wait.
-            "--graceful-timeout",
-            "2",
-            # gunicorn 25+ listens on ~/.gunicorn/gunicorn.ctl otherwise.
-            "--no-control-socket",
-        ]
+        worker = ["--worker-class", "gthread", "--threads", str(threads)]
+        return _gunicorn_cmd(peer_python(), f"bench.peer_apps:{app}", port, *worker)
 
     return command
+
+
+#: gunicorn's worker_connections (default 1,000) as the bundled server's
+#: max_connections (default 20,000), and its keep-alive (default 2 s) as the
+#: bundled server's keepalive_timeout (5 s): the same limits for all three.
+ENGINE_WORKER = ["--worker-connections", "20000", "--keep-alive", "5"]
+
+
+def _gunicorn_asyncapp(style: str) -> Callable[[str, int], list[str]]:
+    """``gunicorn -k asyncapp.gunicorn.Worker -w 1``: the bundled server in a worker."""
+
+    def command(app: str, port: int) -> list[str]:
+        worker = ["--worker-class", "asyncapp.gunicorn.Worker", *ENGINE_WORKER]
+        target = f"bench.asyncapp_apps:{app}_{style}"
+        return _gunicorn_cmd(main_python(), target, port, *worker)
+
+    return command
+
+
+def _gunicorn_gevent(app: str, port: int) -> list[str]:
+    """``gunicorn -k gevent -w 1`` (monkey-patched), in the peers' venv."""
+    target = "bench.peer_apps:" + ("longpoll_threads" if app == "longpoll" else app)
+    worker = ["--worker-class", "gevent", *ENGINE_WORKER]
+    return _gunicorn_cmd(peer_python(), target, port, *worker)
 
 
 def _asyncapp(style: str, *extra: str) -> Callable[[str, int], list[str]]:
@@ -346,6 +415,10 @@ def _asyncapp(style: str, *extra: str) -> Callable[[str, int], list[str]]:
 
 ALL = ("hello", "longpoll", "upload")
 NO_HOLD = "a pool of 4 threads cannot hold thousands of requests"
+#: The engines scenario's two parts (issue 10): servers name the parts they are in.
+E_HELLO, E_LONGPOLL = "engines-hello", "engines-longpoll"
+#: a2wsgi holds one pool thread per request; the publish needs one more.
+A2WSGI_HELD = 9
 SERVERS = [
     Server("raw-asyncio", _raw, ALL),
     Server("gevent.pywsgi", _peer("gevent"), ALL),
@@ -358,16 +431,30 @@ SERVERS = [
     Server("waitress-t40", _peer("waitress", "--threads", "40"), ("blocking",)),
     Server("gunicorn-gthread-t40", _gunicorn(40), ("blocking",)),
     # The default settings: plain apps run on the pool of Config.threads = 40.
-    Server("asyncapp-plain", _asyncapp("plain"), ("hello", "blocking"),
+    Server("asyncapp-plain", _asyncapp("plain"), ("hello", "blocking", E_HELLO),
            {"longpoll": "a plain WSGI app would hold one of the 40 pool threads per waiter",
             "upload": "the upload apps read with asyncapp.read; a plain one holds a pool thread"}),
     # threads=0: every app on the loop (the only mode before issue 9).
     Server("asyncapp-plain-inline", _asyncapp("plain", "--threads", "0"), ("hello", "blocking"),
            {"longpoll": "a plain WSGI app cannot wait without blocking the loop",
             "upload": "wsgi.input reads block the loop; asyncapp apps use asyncapp.read"}),
-    Server("asyncapp-gen", _asyncapp("gen"), ALL),
+    Server("asyncapp-gen", _asyncapp("gen"), (*ALL, E_HELLO, E_LONGPOLL)),
     Server("asyncapp-async", _asyncapp("async"), ALL),
     Server("asyncapp-green", _asyncapp("green"), ALL),
+    # -- engines (issue 10) --
+    Server("uvicorn-uvloop", _uvloop("bench.asgi_apps"), (E_HELLO, E_LONGPOLL)),
+    Server("uvicorn-uvloop+to_asgi-plain", _uvloop("bench.engine_apps", "plain"), (E_HELLO,),
+           {E_LONGPOLL: "a plain WSGI app holds one of the bridge's 40 pool threads per waiter"}),
+    Server("uvicorn-uvloop+to_asgi-gen", _uvloop("bench.engine_apps", "gen"),
+           (E_HELLO, E_LONGPOLL)),
+    Server("uvicorn-uvloop+to_asgi-async", _uvloop("bench.engine_apps", "async"),
+           (E_LONGPOLL,)),
+    Server("uvicorn-uvloop+a2wsgi-plain", _uvloop("bench.peer_apps"), (E_HELLO, E_LONGPOLL),
+           longpoll_n=A2WSGI_HELD),
+    Server("uvicorn-uvloop+a2wsgi-gen", _uvloop("bench.peer_apps", "gen"), (E_HELLO,)),
+    Server("gunicorn+asyncapp-plain", _gunicorn_asyncapp("plain"), (E_HELLO,)),
+    Server("gunicorn+asyncapp-gen", _gunicorn_asyncapp("gen"), (E_HELLO, E_LONGPOLL)),
+    Server("gunicorn-gevent", _gunicorn_gevent, (E_HELLO, E_LONGPOLL)),
 ]  # fmt: skip
 
 
@@ -418,12 +505,18 @@ def parse_wrk(out: str) -> dict[str, Any]:
 
 
 def _bench_wrk(
-    s: Settings, log_dir: Path, deadline: float, scenario: str, wrk_args: list[str]
+    s: Settings,
+    log_dir: Path,
+    deadline: float,
+    scenario: str,
+    wrk_args: list[str],
+    app: str | None = None,
 ) -> dict[str, Any]:
     """Every server of ``scenario``, ``s.runs`` times: its app under ``wrk``.
 
     Each run is a fresh server, a warm-up, then the measured wrk run; the
-    figures are medians over the runs.
+    figures are medians over the runs. ``app`` (default: the scenario's
+    name) is the app each server is asked for.
     """
     results: dict[str, list[dict[str, Any]]] = {}
     failures: dict[str, str] = {}
@@ -438,7 +531,8 @@ def _bench_wrk(
             url = f"http://127.0.0.1:{port}/"
             print(f"  {scenario} run {run + 1}/{s.runs}: {server.name}", file=sys.stderr)
             try:
-                with running(server.command(scenario, port), port, log_dir, server.name) as pid:
+                command = server.command(app or scenario, port)
+                with running(command, port, log_dir, server.name) as pid:
                     warm = ["wrk", *wrk_args, f"-d{s.hello_warmup}s", url]
                     run_load(warm, s.hello_warmup + 30)
                     cpu0, t0 = cpu_seconds(pid), time.monotonic()
@@ -650,14 +744,20 @@ def _failures(data: dict[str, Any]) -> str:
 
 
 # -- scenarios 2 and 3: held long polls and broadcast ---------------------------
-def bench_longpoll(s: Settings, log_dir: Path, deadline: float) -> dict[str, Any]:
+def bench_longpoll(
+    s: Settings, log_dir: Path, deadline: float, scenario: str = "longpoll"
+) -> dict[str, Any]:
     results: dict[str, list[dict[str, Any]]] = {}
     failures: dict[str, str] = {}
     per_run = 60 + s.longpoll_n / 100  # generous: werkzeug starts a thread per request
     for run in range(s.runs):
         for server in SERVERS:
-            if "longpoll" not in server.scenarios or server.name in failures:
+            if scenario not in server.scenarios or server.name in failures:
                 continue
+            n = min(s.longpoll_n, server.longpoll_n or s.longpoll_n)
+            # A server that holds a thread per request (a2wsgi) is warmed up
+            # with one: the threads its held requests start are theirs.
+            warmup = 1 if server.longpoll_n else min(100, n)
             if time.monotonic() > deadline:
                 failures.setdefault(server.name, "skipped: the scenario's time budget ran out")
                 continue
@@ -674,7 +774,9 @@ def bench_longpoll(s: Settings, log_dir: Path, deadline: float) -> dict[str, Any
                         "--pid",
                         str(pid),
                         "--n",
-                        str(s.longpoll_n),
+                        str(n),
+                        "--warmup",
+                        str(warmup),
                         "--timeout",
                         str(per_run),
                         "--rounds",
@@ -708,6 +810,7 @@ def bench_longpoll(s: Settings, log_dir: Path, deadline: float) -> dict[str, Any
             "median_ms": median([x["median_ms"] for r in runs for x in r["rounds"]]),
             "runs": len(runs),
             "rounds": len(fanouts),
+            "n": runs[0]["n"],
         }
     return {"summary": summary, "failures": failures, "raw": results, "n": s.longpoll_n}
 
@@ -984,6 +1087,206 @@ def report_suspend(s: Settings, data: dict[str, Any]) -> tuple[str, list[list[st
     return text, targets
 
 
+# -- scenario 7: the engines (issue 10) ------------------------------------------
+#: Issue 10's targets.
+TO_ASGI_HELD = 0.5  # KB per held poll through to_asgi <= 0.5x uvicorn's native app
+TO_ASGI_HELLO = 1.5  # hello through to_asgi >= 1.5x a2wsgi, same app, same uvicorn
+WORKER_HELLO = 0.9  # gunicorn worker hello >= 0.9x the bundled server alone
+WORKER_HELD = 1.1  # gunicorn worker KB per held poll <= 1.1x the bundled server alone
+WORKER_GEVENT = 2.0  # gunicorn worker hello >= 2x gunicorn -k gevent
+NATIVE = "uvicorn-uvloop"
+GEVENT_WORKER = "gunicorn-gevent"
+
+
+def bench_engines(s: Settings, log_dir: Path, deadline: float) -> dict[str, Any]:
+    # Hello first, with at most 40 % of the budget, so the long polls get theirs.
+    hello_deadline = min(deadline, time.monotonic() + 0.4 * s.budgets["engines"])
+    hello = _bench_wrk(s, log_dir, hello_deadline, E_HELLO, ["-t1", "-c50"], app="hello")
+    longpoll = bench_longpoll(s, log_dir, deadline, E_LONGPOLL)
+    return {"hello": hello, "longpoll": longpoll}
+
+
+def _same_app(name: str) -> tuple[str | None, str | None]:
+    """The a2wsgi row with the same app as a to_asgi row, and the bundled
+    server's row with the same app as a gunicorn worker row."""
+    if "+to_asgi-" in name:
+        return name.replace("+to_asgi-", "+a2wsgi-"), None
+    if name.startswith("gunicorn+asyncapp-"):
+        return None, name.removeprefix("gunicorn+")
+    return None, None
+
+
+def report_engines(s: Settings, data: dict[str, Any]) -> tuple[str, list[list[str]]]:
+    hello = data["hello"]["summary"]
+    held = data["longpoll"]["summary"]
+    targets: list[list[str]] = []
+
+    def rps(name: str | None) -> float | None:
+        return hello.get(name, {}).get("rps") if name else None
+
+    rows = []
+    native, gevent = rps(NATIVE), rps(GEVENT_WORKER)
+    for name, r in sorted(hello.items(), key=lambda kv: -kv[1]["rps"]):
+        a2wsgi, alone = _same_app(name)
+        marks = []
+        peer, bundled = rps(a2wsgi), rps(alone)
+        if a2wsgi and peer:
+            ok = r["rps"] >= TO_ASGI_HELLO * peer
+            marks.append(verdict(ok))
+            targets.append(
+                [
+                    f"hello req/s, {name}",
+                    f">= {TO_ASGI_HELLO}× {a2wsgi} (same app, same uvicorn)",
+                    ratio(r["rps"], rps(a2wsgi)),
+                    verdict(ok),
+                ]
+            )
+        if alone and bundled and gevent:
+            ok = r["rps"] >= WORKER_HELLO * bundled and r["rps"] >= WORKER_GEVENT * gevent
+            marks.append(verdict(ok))
+            targets.append(
+                [
+                    f"hello req/s, {name}",
+                    f">= {WORKER_HELLO}× {alone} (alone) and >= {WORKER_GEVENT}× {GEVENT_WORKER}",
+                    f"{ratio(r['rps'], rps(alone))} / {ratio(r['rps'], gevent)}",
+                    verdict(ok),
+                ]
+            )
+        rows.append(
+            [
+                name,
+                num(r["rps"]),
+                f"{num(r['rps_min'])}–{num(r['rps_max'])}",
+                ratio(r["rps"], rps(a2wsgi)) if a2wsgi else "",
+                ratio(r["rps"], rps(alone)) if alone else "",
+                ratio(r["rps"], native),
+                ratio(r["rps"], gevent),
+                num(r["p99_ms"], 2),
+                num(r["cpu_pct"]),
+                str(r["errors"]),
+                " ".join(marks),
+            ]
+        )
+    hello_header = [
+        "server",
+        "req/s (median)",
+        "min–max",
+        "× a2wsgi, same app",
+        "× asyncapp serve, same app",
+        f"× {NATIVE} (native ASGI)",
+        f"× {GEVENT_WORKER}",
+        "p99 ms",
+        "server CPU %",
+        "errors",
+        "target",
+    ]
+
+    def kb(name: str) -> float | None:
+        return held.get(name, {}).get("kb_per_conn")
+
+    def fan(name: str) -> float | None:
+        return held.get(name, {}).get("fanout_ms")
+
+    held_rows = []
+    for name, r in sorted(held.items(), key=lambda kv: kv[1]["kb_per_conn"]):
+        _, alone = _same_app(name)
+        mark = ""
+        native_kb, alone_kb = kb(NATIVE), kb(alone) if alone else None
+        if "+to_asgi-" in name and native_kb:
+            ok = r["kb_per_conn"] <= TO_ASGI_HELD * native_kb
+            mark = verdict(ok)
+            targets.append(
+                [
+                    f"KB per held long poll, {name}",
+                    f"<= {TO_ASGI_HELD}× {NATIVE} (native ASGI)",
+                    ratio(r["kb_per_conn"], kb(NATIVE)),
+                    mark,
+                ]
+            )
+        elif alone and alone_kb:
+            ok = r["kb_per_conn"] <= WORKER_HELD * alone_kb
+            mark = verdict(ok)
+            targets.append(
+                [
+                    f"KB per held long poll, {name}",
+                    f"<= {WORKER_HELD}× {alone} (alone)",
+                    ratio(r["kb_per_conn"], kb(alone)),
+                    mark,
+                ]
+            )
+        held_rows.append(
+            [
+                name,
+                num(r["n"]),
+                num(r["kb_per_conn"], 1),
+                ratio(r["kb_per_conn"], kb(NATIVE)),
+                ratio(r["kb_per_conn"], kb(alone)) if alone else "",
+                f"{num(r['rss_before_kb'] / 1024, 1)} → {num(r['rss_held_kb'] / 1024, 1)}",
+                mark,
+                num(r["fanout_ms"]),
+                f"{num(r['fanout_min'])}–{num(r['fanout_max'])}",
+                ratio(r["fanout_ms"], fan(NATIVE)),
+                ratio(r["fanout_ms"], fan(alone)) if alone else "",
+                num(r["median_ms"]),
+                num(r["hold_s"], 2),
+            ]
+        )
+    held_header = [
+        "server",
+        "held",
+        "KB / held poll",
+        f"× {NATIVE}",
+        "× asyncapp serve",
+        "RSS before → held (MiB)",
+        "target",
+        "publish → last answer (ms, median)",
+        "min–max",
+        f"× {NATIVE}",
+        "× asyncapp serve",
+        "median response ms",
+        "hold s",
+    ]
+    n = data["longpoll"]["n"]
+    text = (
+        "### 7. Engines (issue 10): `to_asgi` on uvicorn, the gunicorn worker\n\n"
+        "uvicorn rows: `uvicorn --http httptools --loop uvloop --backlog 2048 "
+        "--lifespan off --no-access-log`, one process; `uvicorn-uvloop` is uvicorn's own "
+        "ASGI app (`bench/asgi_apps.py`, the long poll awaits an `asyncio.Event` with "
+        "`asyncio.wait_for(..., 60)`), `+to_asgi-STYLE` the bundled server's apps "
+        "(`bench/asyncapp_apps.py`) through `asyncapp.asgi.to_asgi` (plain app on its "
+        "40-thread pool, generator and async def apps on uvicorn's loop), `+a2wsgi-STYLE` "
+        f"`a2wsgi.WSGIMiddleware(app)` (its default pool of 10 threads). gunicorn rows: "
+        "`gunicorn -w 1 -k asyncapp.gunicorn.Worker` (the bundled server's apps) or "
+        "`-k gevent` (monkey-patched; `bench/peer_apps.py`), both with "
+        "`--worker-connections 20000 --keep-alive 5` (the bundled server's "
+        "max_connections and keepalive_timeout) and `--backlog 2048`; `asyncapp-STYLE` "
+        "is `asyncapp serve` alone with the same app. Server on CPU 0, client on CPU 1.\n\n"
+        f"Hello: `wrk -t1 -c50 -d{s.hello_seconds}s --latency`, median of {s.runs} run(s), "
+        f"each on a fresh server after a {s.hello_warmup} s warm-up. Targets: to_asgi >= "
+        f"{TO_ASGI_HELLO}× a2wsgi running the same app; the gunicorn worker >= "
+        f"{WORKER_HELLO}× the bundled server alone with the same app and >= "
+        f"{WORKER_GEVENT}× gunicorn -k gevent.\n\n"
+        + table(hello_header, rows)
+        + _failures(data["hello"])
+        + _not_run(E_HELLO)
+        + f"\nHeld long polls: {n:,} held per server as in scenarios 2–3 (RSS of the "
+        f"server's process tree, {s.runs} run(s), {s.longpoll_rounds} publishes per run), "
+        f"except a2wsgi: it holds one of its {A2WSGI_HELD + 1} threads per waiting "
+        f"request, so it holds at most {A2WSGI_HELD + 1} and is measured with "
+        f"{A2WSGI_HELD} (with all {A2WSGI_HELD + 1} held the publish itself would wait "
+        f"for a thread; request {A2WSGI_HELD + 2} onwards queues) after a warm-up of one "
+        "request, so its KB include the pool threads the held requests start. "
+        "Targets: to_asgi <= "
+        f"{TO_ASGI_HELD}× the native app's KB per held poll; the gunicorn worker <= "
+        f"{WORKER_HELD}× the bundled server alone. Publish → last answer: from sending "
+        "`GET /release` until the last held poll's response arrived (no target).\n\n"
+        + table(held_header, held_rows)
+        + _failures(data["longpoll"])
+        + _not_run(E_LONGPOLL)
+    )
+    return text, targets
+
+
 # -- the machine --------------------------------------------------------------------
 def calibrate() -> str:
     """A fixed 3M-iteration Python loop on each CPU: how fast the machine is now."""
@@ -1031,6 +1334,8 @@ def machine_facts() -> list[str]:
     asyncapp_version = _first_line(
         [main_python(), "-c", "import asyncapp, sys; print(asyncapp.__version__)"]
     )
+    engine_code = code.replace(repr(PEER_DISTRIBUTIONS), repr(ENGINE_DISTRIBUTIONS))
+    engines = _first_line([main_python(), "-c", engine_code])
     commit = _first_line(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
     dirty = _first_line(["git", "-C", str(ROOT), "status", "--porcelain", "--", "asyncapp"])
     pinning = (
@@ -1044,7 +1349,8 @@ def machine_facts() -> list[str]:
         f"- Python: {platform.python_version()} ({platform.python_implementation()}) for "
         f"asyncapp {asyncapp_version} (commit {commit}"
         f"{', asyncapp/ modified' if dirty not in ('', '?') else ''}) and the clients; "
-        f"peers' venv: Python {peers}.",
+        f"peers' venv: Python {peers}; project venv (to_asgi, the gunicorn worker): "
+        f"Python {engines}.",
         f"- wrk: {_first_line(['wrk', '-v'])}.",
     ]
 
@@ -1056,6 +1362,7 @@ BENCHES = {
     "upload": (bench_upload, report_upload),
     "suspend": (bench_suspend, report_suspend),
     "blocking": (bench_blocking, report_blocking),
+    "engines": (bench_engines, report_engines),
 }
 
 
@@ -1090,7 +1397,7 @@ def render(run: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small counts, about 2.5 minutes")
+    parser.add_argument("--quick", action="store_true", help="small counts, about 4 minutes")
     parser.add_argument(
         "--only", default=None, help=f"comma-separated scenarios: {', '.join(SCENARIOS)}"
     )
@@ -1142,7 +1449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ensure_peer_venv()
     # Long polls need N sockets in the client and in the server; children inherit.
     fd_limit = raise_fd_limit(2 * settings.longpoll_n + 1024)
-    if "longpoll" in only and fd_limit < settings.longpoll_n + 512:
+    if {"longpoll", "engines"} & set(only) and fd_limit < settings.longpoll_n + 512:
         # Server and client are separate processes: each needs N sockets.
         print(f"open-file limit {fd_limit}: holding {fd_limit - 512} long polls", file=sys.stderr)
         settings.longpoll_n = fd_limit - 512

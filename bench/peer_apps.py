@@ -1,9 +1,11 @@
 """The WSGI apps the peer WSGI servers run (gevent.pywsgi, waitress, werkzeug, gunicorn).
 
 Runs in the peers virtualenv: imports neither asyncapp nor anything a
-server does not ship. Each long-poll app blocks on its framework's natural
-primitive (``gevent.event.Event`` or ``threading.Event``), with a 60 s
-timeout per waiter like every other server in the benchmark.
+server does not ship (the ``a2wsgi_*`` apps, made on first use, import
+a2wsgi, and ``a2wsgi_hello_gen`` asyncapp's generator app). Each long-poll
+app blocks on its framework's natural primitive (``gevent.event.Event`` or
+``threading.Event``), with a 60 s timeout per waiter like every other
+server in the benchmark.
 
 Paths of the long-poll app: ``/wait`` holds the request until the next
 ``/release``; ``/release`` sets the current event (and puts a fresh one in
@@ -90,3 +92,41 @@ def make_longpoll(event_class: Callable[[], Any]) -> WSGIApp:
         return _reply(start_response, b"?")
 
     return app
+
+
+# -- a2wsgi on uvicorn (issue 10) ---------------------------------------------------
+#: a2wsgi's own default: ``WSGIMiddleware(app, workers=10)`` runs each request
+#: on a pool of 10 threads.
+A2WSGI_WORKERS = 10
+_made: dict[str, Any] = {}
+
+
+def _a2wsgi(name: str) -> Any:
+    from a2wsgi import WSGIMiddleware
+
+    if name == "a2wsgi_hello":
+        app: Any = hello
+    elif name == "a2wsgi_hello_gen":
+        # The same ``@asyncapp.coroutine`` app the bridge runs: under a2wsgi
+        # it gets no extensions and is driven to its end on a pool thread.
+        from bench.asyncapp_apps import hello_gen
+
+        app = hello_gen
+    else:  # a2wsgi_longpoll: each held request holds one of the pool's threads
+        app = make_longpoll(threading.Event)
+    return WSGIMiddleware(app, workers=A2WSGI_WORKERS)
+
+
+def __getattr__(name: str) -> Any:
+    """The ASGI apps ``uvicorn bench.peer_apps:a2wsgi_*`` loads, and
+    ``longpoll_threads`` for gunicorn's gevent worker (made after gunicorn has
+    monkey-patched ``threading``, so its Event is gevent's)."""
+    if name in ("a2wsgi_hello", "a2wsgi_hello_gen", "a2wsgi_longpoll"):
+        if name not in _made:
+            _made[name] = _a2wsgi(name)
+        return _made[name]
+    if name == "longpoll_threads":
+        if name not in _made:
+            _made[name] = make_longpoll(threading.Event)
+        return _made[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
