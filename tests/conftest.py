@@ -64,12 +64,15 @@ Step: TypeAlias = tuple[Any, ...]
 Record: TypeAlias = dict[str, Any]
 
 STYLES = ("generator", "async", "green")
-HOST_KINDS = ("async+fdevent", "async", "fdevent", "uwsgi", "asgi", "blocking")
+HOST_KINDS = ("async+fdevent", "async", "fdevent", "uwsgi", "server", "asgi", "blocking")
 #: Hosts that suspend apps instead of blocking.
 NONBLOCKING_HOSTS = HOST_KINDS[:-1]
 #: Hosts whose body reads are non-blocking (``x-wsgiorg.async``); on the
 #: fdevent-only hosts the body is read with ordinary (pre-read) calls.
-ASYNC_READ_HOSTS = ("async+fdevent", "async", "asgi")
+ASYNC_READ_HOSTS = ("async+fdevent", "async", "server", "asgi")
+#: Real servers in a thread of the test process (:class:`LiveServer`). gevent
+#: runs in processes of its own instead (tests/test_gevent.py).
+LIVE_HOSTS = ("server", "asgi")
 
 _HOST_OPTIONS: dict[str, dict[str, Any]] = {
     "async+fdevent": {"extensions": ("async", "fdevent")},
@@ -449,26 +452,39 @@ class BlockingServer:
         assert not stray, f"wsgiref server errors:\n{stray}"
 
 
-class AsgiServer:
-    """uvicorn in a thread, serving ``asyncapp.asgi.to_asgi`` of one app per path.
+class LiveServer:
+    """A real server in a thread of this process, serving one app per path.
 
-    The dispatcher in front is a plain function, as an app's router would
-    be: the bridge calls it on its pool and moves the asyncapp app it
-    returns to uvicorn's loop.
+    ``kind``: ``"server"``, asyncapp's bundled server (what each
+    ``asyncapp.gunicorn.Worker`` runs); ``"asgi"``, uvicorn serving
+    ``asyncapp.asgi.to_asgi``. The dispatcher in front is a plain function,
+    as an app's router would be: the bundled server and the bridge call it
+    on their pool and move the asyncapp app it returns to their loop.
     """
 
-    def __init__(self) -> None:
-        import uvicorn
-
-        from asyncapp.asgi import to_asgi
-
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
         self.apps: dict[str, WSGIApp] = {}
         self._paths = itertools.count()
         self._lock = threading.Lock()
+        self._stop: Callable[[], None]
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         sock.listen(128)
         self.port: int = sock.getsockname()[1]
+        run, ready = self._uvicorn(sock) if kind == "asgi" else self._bundled(sock)
+        self.thread = threading.Thread(target=run, name=f"{kind}-host", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not ready():
+            assert time.monotonic() < deadline and self.thread.is_alive(), f"{kind} did not start"
+            time.sleep(0.01)
+
+    def _uvicorn(self, sock: socket.socket) -> tuple[Callable[[], None], Callable[[], bool]]:
+        import uvicorn
+
+        from asyncapp.asgi import to_asgi
+
         config = uvicorn.Config(
             to_asgi(self._dispatch, threads=8),
             loop="asyncio",
@@ -476,15 +492,22 @@ class AsgiServer:
             lifespan="off",
             log_level="warning",
         )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(
-            target=lambda: self.server.run(sockets=[sock]), name="asgi-host", daemon=True
-        )
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start"
-            time.sleep(0.01)
+        server = uvicorn.Server(config)
+
+        def stop() -> None:
+            server.should_exit = True
+
+        self._stop = stop
+        return (lambda: server.run(sockets=[sock])), (lambda: bool(server.started))
+
+    def _bundled(self, sock: socket.socket) -> tuple[Callable[[], None], Callable[[], bool]]:
+        from asyncapp.config import Config
+        from asyncapp.server import Server
+
+        server = Server(self._dispatch, Config(access_log=False, threads=8, shutdown_grace=1.0))
+        server.bind(sockets=[sock])
+        self._stop = server.stop
+        return server.serve, (lambda: server.wait_ready(0))
 
     def _dispatch(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         with self._lock:
@@ -498,9 +521,9 @@ class AsgiServer:
         return path
 
     def close(self) -> None:
-        self.server.should_exit = True
+        self._stop()
         self.thread.join(timeout=10)
-        assert not self.thread.is_alive(), "uvicorn did not stop"
+        assert not self.thread.is_alive(), f"{self.kind} did not stop"
 
 
 # -- hosts under test -------------------------------------------------------------
@@ -513,7 +536,7 @@ class Target:
     kind: str
     host: Host | None = None
     server: BlockingServer | None = None
-    asgi: AsgiServer | None = None
+    live: LiveServer | None = None
 
     @property
     def blocking(self) -> bool:
@@ -583,8 +606,8 @@ def _blocking_request(
     return _response(status, headers, data, log)
 
 
-def _asgi_request(
-    server: AsgiServer,
+def _live_request(
+    server: LiveServer,
     app: WSGIApp,
     method: str,
     segments: Sequence[bytes],
@@ -646,8 +669,8 @@ def serve(
     out (the app then sees wsgiref's own ``wsgi.input``).
     """
     parts = _segments(body, segments)
-    if target.asgi is not None:
-        return _asgi_request(target.asgi, app, method, parts, delay, middleware)
+    if target.live is not None:
+        return _live_request(target.live, app, method, parts, delay, middleware)
     if target.server is not None:
         return _blocking_request(
             target.server, app, method, parts, delay, middleware, strict, validate
@@ -676,11 +699,11 @@ def serve_many(
     blocking host each request comes from its own client thread.
     """
     start = time.monotonic()
-    if target.asgi is not None:
-        asgi = target.asgi
+    if target.live is not None:
+        live = target.live
         with ThreadPoolExecutor(max_workers=len(apps)) as pool:
             futures = [
-                pool.submit(_asgi_request, asgi, app, method, [], 0.0, middleware) for app in apps
+                pool.submit(_live_request, live, app, method, [], 0.0, middleware) for app in apps
             ]
             responses = [f.result(timeout=REQUEST_TIMEOUT * len(apps)) for f in futures]
         return responses, time.monotonic() - start
@@ -751,7 +774,7 @@ def no_fd_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     params = callspec.params if callspec is not None else {}
     kind = params.get("target", params.get("nonblocking_target"))
     marked = request.node.get_closest_marker("no_fd_leaks") is not None
-    if not marked or kind is None or kind in ("blocking", "asgi"):
+    if not marked or kind is None or kind == "blocking" or kind in LIVE_HOSTS:
         yield
         return
     asyncapp.hosts._never_ready_fd()  # fdevent sleeps' pipe: one per process
@@ -762,17 +785,22 @@ def no_fd_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def asgi_server() -> Iterator[AsgiServer]:
-    server = AsgiServer()
+def live_servers() -> Iterator[dict[str, LiveServer]]:
+    """The in-thread live servers, each started on first use."""
+    servers: dict[str, LiveServer] = {}
     try:
-        yield server
+        yield servers
     finally:
-        server.close()
+        for server in servers.values():
+            server.close()
 
 
 def _target(request: pytest.FixtureRequest, kind: str) -> Iterator[Target]:
-    if kind == "asgi":
-        yield Target(kind, asgi=request.getfixturevalue("asgi_server"))
+    if kind in LIVE_HOSTS:
+        servers = request.getfixturevalue("live_servers")
+        if kind not in servers:
+            servers[kind] = LiveServer(kind)
+        yield Target(kind, live=servers[kind])
         return
     if kind == "blocking":
         yield Target(kind, server=request.getfixturevalue("blocking_server"))

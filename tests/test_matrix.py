@@ -3,10 +3,11 @@
 Styles: ``@asyncapp.coroutine`` generators and ``async def`` generators,
 ``@asyncapp.green.app`` with the plain calls made in helpers. Hosts: the
 asyncapp test host with both extensions, ``x-wsgiorg.async`` alone,
-``x-wsgiorg.fdevent`` alone, fdevent with uWSGI's quirks, uvicorn through
-``asyncapp.asgi.to_asgi`` (the same ``AppTask`` over asyncio, behind a plain
-dispatcher on the bridge's thread pool), and a real ``wsgiref`` server (the
-blocking fallback, under ``wsgiref.validate``).
+``x-wsgiorg.fdevent`` alone, fdevent with uWSGI's quirks, the bundled server
+(what each ``asyncapp.gunicorn.Worker`` runs) and uvicorn through
+``asyncapp.asgi.to_asgi`` (the same ``AppTask`` over asyncio), both live in a
+thread and behind a plain dispatcher on their thread pools, and a real
+``wsgiref`` server (the blocking fallback, under ``wsgiref.validate``).
 Middleware between host and app: none, a replaced ``wsgi.input``, a shallow
 and a deep copy of the environ. The apps and hosts live in ``conftest.py``.
 """
