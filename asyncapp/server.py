@@ -244,7 +244,12 @@ class Exchange(AppTask):
         self.headers: AppHeaders | None = None
         self.headers_sent = False
         self.is_head = head.method == "HEAD"
-        self.keep_alive = head.keep_alive and not conn.server.stopping
+        # keepalive_timeout=0 (gunicorn's --keep-alive 0): no reuse, and the
+        # head says so rather than leave the client to find a closed socket.
+        server = conn.server
+        self.keep_alive = (
+            head.keep_alive and not server.stopping and server.config.keepalive_timeout > 0
+        )
         self.chunked = False
         self.length_left: int | None = None
         self.bytes_sent = 0

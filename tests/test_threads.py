@@ -783,3 +783,11 @@ def test_garbage_pipelined_behind_a_held_request_is_answered_after_it() -> None:
         assert (first.status, first.body) == (200, b"fired")
         assert client.read_response().status == 400
     release.close()
+
+
+def test_keepalive_timeout_0_says_close() -> None:
+    with running(hello, keepalive_timeout=0) as server, Client(server.address) as client:
+        client.send(get())
+        response = client.read_response()
+        assert response.header("Connection") == "close"
+        assert client.closed_by_server()
