@@ -46,7 +46,7 @@ from typing import Any, Final
 from .body import InputStream
 from .coroutine import Driver
 from .errors import ClientGone, UsageError
-from .http11 import HOP_BY_HOP, ResponseError, check_header, check_status
+from .http11 import HOP_BY_HOP, ResponseError, check_status, prepare_headers
 from .protocol import is_nonblocking
 from .scheduler import AppTask, Watch, close_app
 from .threadpool import ThreadPool
@@ -365,17 +365,12 @@ class _Exchange(AppTask):
         elif self.status is not None:
             raise ResponseError("start_response called a second time without exc_info")
         check_status(status)
-        if not isinstance(headers, list):
-            raise ResponseError(f"response headers must be a list, not {type(headers).__name__}")
-        fields = []
-        for item in headers:
-            if not (isinstance(item, tuple) and len(item) == 2):
-                raise ResponseError(f"response header {item!r} is not a (name, value) tuple")
-            name, value = item
-            check_header(name, value)
-            if name.lower() in HOP_BY_HOP:
-                continue  # the ASGI server frames the response
-            fields.append((name.lower().encode("latin-1"), value.encode("latin-1")))
+        prepare_headers(headers)  # the bundled server's checks (and its cache)
+        fields = [
+            (name.lower().encode("latin-1"), value.encode("latin-1"))
+            for name, value in headers
+            if name.lower() not in HOP_BY_HOP  # the ASGI server frames the response
+        ]
         self.status = status
         self.headers = fields
         return self.write

@@ -322,10 +322,18 @@ def echo(environ: Environ, start_response: StartResponse) -> Iterator[Any]:
 def test_a_wrapped_coroutine_reads_the_body_on_the_loop() -> None:
     with running(wrapping(echo), threads=1) as server, Client(server.address) as client:
         client.send(request_bytes("POST", "/", headers=[("Content-Length", "6")]))
-        time.sleep(0.05)  # the app waits for the body (the scenario)
+        # The app asks for the body on its pool thread, finds none, waits:
+        # that wait must be handed to the loop, leaving the thread free.
+        deadline = time.monotonic() + WAIT
+        while not any(
+            c.exchange is not None and not c.exchange.threaded and c.exchange.iterable
+            for c in list(server.connections)
+        ):
+            assert time.monotonic() < deadline, "the wait never moved to the loop"
+            time.sleep(0.005)
+        assert server.pool is not None and server.pool.busy == 0
         client.send(b"abcdef")
         assert client.read_response().body == b"abcdef"
-        assert server.pool is not None and server.pool.busy == 0
 
 
 # -- point 3: the full input API, no short reads ---------------------------------------------
