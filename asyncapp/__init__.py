@@ -24,13 +24,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import green, protocol, sse, web
-from .channel import Channel, CursorExpired, Event, Message
-from .coroutine import coroutine
-from .errors import AsyncappError, ClientGone, Timeout, UsageError
-from .hosts import host_kind
-from .ops import Op, read, readable, sleep, writable
-from .protocol import nonblocking
+from asyncapp import green, protocol, sse, web
+from asyncapp.app.channel import Channel, CursorExpired, Event, Message
+from asyncapp.app.coroutine import coroutine
+from asyncapp.app.hosts import host_kind
+from asyncapp.app.ops import Op, read, readable, sleep, writable
+from asyncapp.errors import AsyncappError, ClientGone, Timeout, UsageError
+from asyncapp.protocol import nonblocking
 
 __version__ = "0.1.0"
 
@@ -38,7 +38,7 @@ __version__ = "0.1.0"
 def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, **settings: Any) -> None:
     """Serve ``app`` with the bundled server until SIGINT or SIGTERM.
 
-    Every field of :class:`asyncapp.config.Config` (limits, timeouts,
+    Every field of :class:`asyncapp.server.config.Config` (limits, timeouts,
     ``access_log``, ``uds``...) is a keyword argument; see ``docs/server.md``.
 
     .. code-block:: python
@@ -46,7 +46,7 @@ def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, **settings: Any) 
         import asyncapp
         asyncapp.serve(app, port=8080, keepalive_timeout=15, max_body_size=10 << 20)
     """
-    from .server import serve as _serve
+    from asyncapp.server.run import serve as _serve
 
     _serve(app, host, port, **settings)
 

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .config import Config
+from asyncapp.server.config import Config
 
 
 def load_app(ref: str) -> Any:
@@ -149,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     defaults = Config()
     shutdown_grace = args.shutdown_grace
     if args.reload:
-        from . import reload
+        from asyncapp.server import reload
 
         if shutdown_grace is None:
             shutdown_grace = reload.RELOAD_SHUTDOWN_GRACE
@@ -162,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return reload.run(arguments, args.app, where, args.reload_dir or [])
 
-    from .server import Server
+    from asyncapp.server.run import Server
 
     app = load_app(args.app)
     config = Config(

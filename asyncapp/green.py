@@ -14,7 +14,7 @@
 Shape (after SQLAlchemy's greenlet bridge): ``@green.app`` runs the app, and
 the iteration of what it returns, in a child greenlet. ``green.read`` and
 friends switch to the parent (the WSGI iterable, driven by the server) with
-an operation from :mod:`asyncapp.ops`; the parent carries it out exactly as
+an operation from :mod:`asyncapp.app.ops`; the parent carries it out exactly as
 ``@coroutine`` does and switches back with the result. So unmodified code far
 down the stack (werkzeug, Flask, a client library) can wait without knowing.
 
@@ -34,12 +34,11 @@ from typing import Any, Final, TypeVar
 
 import greenlet
 
-from .body import RAW_CHUNK
-from .coroutine import StepDriver, pin_thread
-from .errors import UsageError
-from .hosts import host_kind
-from .ops import Op, Read, Readable, Sleep, Writable
-from .protocol import FdLike, nonblocking
+from asyncapp.app.coroutine import StepDriver, pin_thread
+from asyncapp.app.hosts import host_kind
+from asyncapp.app.ops import Op, Read, Readable, Sleep, Writable
+from asyncapp.errors import UsageError
+from asyncapp.protocol import RAW_CHUNK, FdLike, nonblocking
 
 __all__ = ["GreenInput", "app", "read", "readable", "run", "sleep", "writable"]
 

@@ -2,7 +2,7 @@
 
 ``docs/protocol.md`` is the normative text; this module only gives its
 environ keys, its version and its objects a single home in code, so the app
-side (:mod:`asyncapp.hosts`) and the host side (:mod:`asyncapp.scheduler`)
+side (:mod:`asyncapp.app.hosts`) and the host side (:mod:`asyncapp.host`)
 cannot drift apart.
 """
 
@@ -18,6 +18,7 @@ __all__ = [
     "FDEVENT_READABLE",
     "FDEVENT_TIMEOUT",
     "FDEVENT_WRITABLE",
+    "RAW_CHUNK",
     "VERSION",
     "AsyncReader",
     "FdLike",
@@ -40,6 +41,18 @@ ASYNC_WRITABLE: Final = "x-wsgiorg.async.writable"
 FDEVENT_READABLE: Final = "x-wsgiorg.fdevent.readable"
 FDEVENT_WRITABLE: Final = "x-wsgiorg.fdevent.writable"
 FDEVENT_TIMEOUT: Final = "x-wsgiorg.fdevent.timeout"
+
+#: The most one ``raw_read`` call asks for: when reading "all", for a line,
+#: or what is left of a large ``read(n)``. 64 KiB is the server's
+#: ``max_body_buffer`` and the ``recv`` size most hosts use, so one call
+#: usually takes all the host holds; it keeps the per-call overhead to one
+#: Python call per 64 KiB; and it bounds what one request makes a raw reader
+#: allocate (``socket.recv(n)`` allocates ``n`` bytes before it shrinks them),
+#: so a ``read(int(CONTENT_LENGTH))`` with a huge, trickled Content-Length
+#: grows only as the bytes actually arrive. werkzeug's ``LimitedStream``,
+#: the host's ``wsgi.input`` (:mod:`asyncapp.host.body`), the blocking
+#: fallback and ``@green.app``'s ``GreenInput`` all use this size.
+RAW_CHUNK: Final = 64 * 1024
 
 WaitStatus = Literal["pending", "ready", "timeout", "error", "cancelled"]
 

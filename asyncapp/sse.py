@@ -29,8 +29,8 @@ import re
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any, Final, cast
 
-from .coroutine import Driver
-from .errors import UsageError
+from asyncapp.app.coroutine import Driver
+from asyncapp.errors import UsageError
 
 __all__ = ["SSE_HEADERS", "comment", "event", "start", "stream"]
 

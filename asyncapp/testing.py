@@ -2,7 +2,7 @@
 
 :class:`Host` plays the server side of ``x-wsgiorg.async`` and
 ``x-wsgiorg.fdevent`` (or either alone, or uWSGI's quirky fdevent) on a
-:class:`~asyncapp.scheduler.Loop`, with each request body delivered through a
+:class:`~asyncapp.host.loop.Loop`, with each request body delivered through a
 real ``socketpair`` in the segments and at the pace the test chooses. Many
 calls run concurrently on one thread, so overlapping waits can be observed.
 
@@ -33,12 +33,13 @@ from typing import TYPE_CHECKING, Any
 
 from werkzeug.test import EnvironBuilder
 
-from .body import InputStream
-from .hosts import poll
-from .scheduler import AppTask, Loop, Timer, Watch
+from asyncapp.app.hosts import poll
+from asyncapp.host.body import InputStream
+from asyncapp.host.loop import Loop, Timer, Watch
+from asyncapp.host.task import AppTask
 
 if TYPE_CHECKING:
-    from .server import Server
+    from asyncapp.server.run import Server
 
 __all__ = ["Call", "Host", "SocketReader", "hosted", "live_server"]
 
@@ -84,7 +85,7 @@ class SocketReader:
 def _host_input(reader: SocketReader, pump: Callable[[], None]) -> InputStream:
     """The host's own blocking ``wsgi.input``, over the same reader.
 
-    An :class:`~asyncapp.body.InputStream`, as on the bundled server: a
+    An :class:`~asyncapp.host.body.InputStream`, as on the bundled server: a
     file whose ``read(n)`` returns ``n`` bytes unless the body ends, and
     which reads ahead only for lines, so other bytes stay in the socket for
     the non-blocking reader.
@@ -400,8 +401,8 @@ def live_server(app: WSGIApp, **settings: Any) -> Iterator[Server]:
         with live_server(app) as server:
             urllib.request.urlopen(server.url + "/").read()
     """
-    from .config import Config
-    from .server import Server
+    from asyncapp.server.config import Config
+    from asyncapp.server.run import Server
 
     settings.setdefault("port", 0)
     settings.setdefault("access_log", False)

@@ -60,9 +60,10 @@ import httptools
 
 import asyncapp
 from asyncapp import green
-from asyncapp.config import Config
-from asyncapp.http11 import END, ProtocolError, RequestHead, RequestParser
-from asyncapp.server import Connection, Server
+from asyncapp.server.config import Config
+from asyncapp.server.connection import Connection
+from asyncapp.server.http11 import END, ProtocolError, RequestHead, RequestParser
+from asyncapp.server.run import Server
 
 __all__ = [
     "FUZZ_CONFIG",

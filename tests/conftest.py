@@ -52,8 +52,8 @@ from wsgiref.validate import validator
 import pytest
 
 import asyncapp
+import asyncapp.app.hosts
 import asyncapp.green
-import asyncapp.hosts
 from asyncapp.testing import Host
 
 Environ: TypeAlias = dict[str, Any]
@@ -501,8 +501,8 @@ class LiveServer:
         return (lambda: server.run(sockets=[sock])), (lambda: bool(server.started))
 
     def _bundled(self, sock: socket.socket) -> tuple[Callable[[], None], Callable[[], bool]]:
-        from asyncapp.config import Config
-        from asyncapp.server import Server
+        from asyncapp.server.config import Config
+        from asyncapp.server.run import Server
 
         server = Server(self._dispatch, Config(access_log=False, threads=8, shutdown_grace=1.0))
         server.bind(sockets=[sock])
@@ -777,7 +777,7 @@ def no_fd_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     if not marked or kind is None or kind == "blocking" or kind in LIVE_HOSTS:
         yield
         return
-    asyncapp.hosts._never_ready_fd()  # fdevent sleeps' pipe: one per process
+    asyncapp.app.hosts._never_ready_fd()  # fdevent sleeps' pipe: one per process
     before = _open_fds()
     yield
     leaked = _open_fds() - before

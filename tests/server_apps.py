@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import asyncapp
-from asyncapp.server import serve
+from asyncapp.server.run import serve
 
 __all__ = ["EVENTS_FD", "RELEASE_FD", "hello", "longpoll", "main"]
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from asyncapp.server import Server
+from asyncapp.server.run import Server
 from asyncapp.testing import live_server
 
 __all__ = [

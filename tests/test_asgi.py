@@ -23,7 +23,7 @@ import pytest
 from engine_process import serving
 from server_client import Client, request_bytes
 
-from asyncapp.asgi import _environ
+from asyncapp.engines.asgi import _environ
 
 pytestmark = pytest.mark.timeout(60)
 

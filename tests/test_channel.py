@@ -48,7 +48,7 @@ import pytest
 from uwsgi_harness import uwsgi_server
 
 import asyncapp
-import asyncapp.channel
+import asyncapp.app.channel
 from asyncapp import Channel, CursorExpired, Event, Message, UsageError, green
 from asyncapp.testing import Call, Host, live_server
 
@@ -973,7 +973,7 @@ def test_one_publish_releases_a_thousand_http_long_polls(capsys: Any) -> None:
 
 
 class CountingOs:
-    """What :mod:`asyncapp.channel` sees as ``os``: counts pipes, writes, closes."""
+    """What :mod:`asyncapp.app.channel` sees as ``os``: counts pipes, writes, closes."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -1004,7 +1004,7 @@ class CountingOs:
 def test_publish_costs_one_write_and_at_most_one_pipe(monkeypatch: pytest.MonkeyPatch) -> None:
     count, rounds = 200, 3
     counting = CountingOs()
-    monkeypatch.setattr(asyncapp.channel, "os", counting)
+    monkeypatch.setattr(asyncapp.app.channel, "os", counting)
     app = ChannelApp()
     with live_server(app) as server, raw_clients(server.address, count) as clients:
         for round_ in range(1, rounds + 1):

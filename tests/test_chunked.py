@@ -27,9 +27,9 @@ import httptools
 import pytest
 from corpus_support import WAIT, RawConnection, Recorder, probe
 
-from asyncapp.config import Config
-from asyncapp.http11 import END, MAX_CHUNK_LINE, ProtocolError, RequestHead, RequestParser
-from asyncapp.server import Server
+from asyncapp.server.config import Config
+from asyncapp.server.http11 import END, MAX_CHUNK_LINE, ProtocolError, RequestHead, RequestParser
+from asyncapp.server.run import Server
 from asyncapp.testing import live_server
 
 pytestmark = pytest.mark.timeout(60)

@@ -48,7 +48,7 @@ from urllib.parse import unquote_to_bytes, urlsplit
 import pytest
 from corpus_support import QUIET, WAIT, RawConnection, Record, Recorder, probe
 
-from asyncapp.server import Server
+from asyncapp.server.run import Server
 from asyncapp.testing import live_server
 
 pytestmark = pytest.mark.timeout(60)

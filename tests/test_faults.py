@@ -74,8 +74,9 @@ from test_server_robust import (
 
 import asyncapp
 from asyncapp import green
-from asyncapp.scheduler import FD_SWEEP_INTERVAL
-from asyncapp.server import DEADLINE_SWEEP, Connection
+from asyncapp.host.loop import FD_SWEEP_INTERVAL
+from asyncapp.server.connection import Connection
+from asyncapp.server.run import DEADLINE_SWEEP
 
 #: ASYNCAPP_LONG_TESTS=1: every count below times ten.
 SCALE = 10 if os.environ.get("ASYNCAPP_LONG_TESTS") == "1" else 1

@@ -37,7 +37,7 @@ import pytest
 from gunicorn.config import KNOWN_SETTINGS
 from gunicorn.config import Config as GunicornConfig
 
-from asyncapp.gunicorn import UNLIMITED, server_config, shutdown_grace
+from asyncapp.engines.gunicorn import UNLIMITED, server_config, shutdown_grace
 from tests.gunicorn_apps import EVENTS_FD, FAIL, RELEASE_FD
 
 pytestmark = pytest.mark.timeout(120)

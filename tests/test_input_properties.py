@@ -39,8 +39,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from asyncapp.config import Config
-from asyncapp.server import Connection, Server
+from asyncapp.server.config import Config
+from asyncapp.server.connection import Connection
+from asyncapp.server.run import Server
 from asyncapp.testing import Host, SocketReader
 
 pytestmark = pytest.mark.timeout(120)

@@ -8,12 +8,12 @@ sequence of calls, the answers must equal those of ``io.BytesIO(body)``.
 
 Checked on:
 
-* :class:`asyncapp.body.InputStream` (the bundled server's ``wsgi.input``),
+* :class:`asyncapp.host.body.InputStream` (the bundled server's ``wsgi.input``),
   also with ``TimeoutError``s injected into its raw reads, for read-ahead
   (none but one chunk for line reads) and for what ``read(10**9)`` allocates;
 * ``@green.app``'s :class:`asyncapp.green.GreenInput`, driven directly (its
   raw reads answered by the test) and through :class:`asyncapp.testing.Host`;
-* the blocking fallback of :mod:`asyncapp.hosts`: werkzeug's
+* the blocking fallback of :mod:`asyncapp.app.hosts`: werkzeug's
   ``LimitedStream`` over a ``BytesIO``, and over a buffered file on a
   trickling raw stream (as wsgiref's socket file is).
 """
@@ -34,12 +34,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from werkzeug.wsgi import LimitedStream
 
-from asyncapp import green, hosts
-from asyncapp.body import RAW_CHUNK, InputStream
+from asyncapp import green
+from asyncapp.app import hosts
+from asyncapp.app.ops import Read
 from asyncapp.errors import UsageError
-from asyncapp.ops import Read
-from asyncapp.protocol import ASYNC_INPUT
-from asyncapp.scheduler import AppTask, Loop
+from asyncapp.host.body import InputStream
+from asyncapp.host.loop import Loop
+from asyncapp.host.task import AppTask
+from asyncapp.protocol import ASYNC_INPUT, RAW_CHUNK
 from asyncapp.testing import Host
 
 pytestmark = pytest.mark.timeout(60)
@@ -585,7 +587,7 @@ class TrickleRaw(io.RawIOBase):
 
 #: LimitedStream is an io.RawIOBase: read(None) is a TypeError there, and
 #: read(0) / readinto of nothing count as a client disconnect (werkzeug 3.1).
-#: asyncapp.hosts never asks it for those (blocking_read takes sizes >= 1).
+#: asyncapp.app.hosts never asks it for those (blocking_read takes sizes >= 1).
 fallback_sizes = modest_sizes.filter(lambda s: s is NO_ARG or (s is not None and s != 0))
 fallback_calls = st.lists(
     st.one_of(

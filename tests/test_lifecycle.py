@@ -26,7 +26,7 @@ import werkzeug.test
 
 import asyncapp
 from asyncapp import green
-from asyncapp.coroutine import StepDriver
+from asyncapp.app.coroutine import StepDriver
 from asyncapp.protocol import ASYNC_READABLE
 from asyncapp.testing import Call, Host, hosted
 

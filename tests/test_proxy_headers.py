@@ -1,4 +1,4 @@
-"""Trusted proxy headers: :class:`asyncapp.proxy.ForwardedTrust` and the server.
+"""Trusted proxy headers: :class:`asyncapp.server.proxy.ForwardedTrust` and the server.
 
 Unit tests build environs by hand and call ``apply``; live tests run the
 bundled server over loopback (and a Unix socket) and look at the environ the
@@ -23,10 +23,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from server_client import Client, Response, request_bytes, running
 
-import asyncapp.proxy
-from asyncapp.config import Config
-from asyncapp.proxy import DECISION_CACHE_SIZE, ForwardedTrust
-from asyncapp.server import Server
+import asyncapp.server.proxy
+from asyncapp.server.config import Config
+from asyncapp.server.proxy import DECISION_CACHE_SIZE, ForwardedTrust
+from asyncapp.server.run import Server
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -145,7 +145,7 @@ def test_listed_peers_are_trusted_without_parsing_and_others_parsed_once(
         return real(text)
 
     trust = ForwardedTrust("127.0.0.1, ::1")
-    monkeypatch.setattr(asyncapp.proxy.ipaddress, "ip_address", counting)
+    monkeypatch.setattr(asyncapp.server.proxy.ipaddress, "ip_address", counting)
     for _ in range(100):
         trust.apply(environ("127.0.0.1"))
         trust.apply(environ("::1"))
@@ -551,7 +551,8 @@ def test_garbage_never_raises_and_only_valid_values_get_through(
     address = ipaddress.ip_address(env["REMOTE_ADDR"])  # an address, whatever came in
     assert str(address) == env["REMOTE_ADDR"]
     assert env["wsgi.url_scheme"] in ("http", "https")
-    assert env["HTTP_HOST"] == "backend:8000" or asyncapp.proxy._HOST.fullmatch(env["HTTP_HOST"])
+    host_pattern = asyncapp.server.proxy._HOST
+    assert env["HTTP_HOST"] == "backend:8000" or host_pattern.fullmatch(env["HTTP_HOST"])
     assert env.get("REMOTE_PORT") is None or 0 <= int(env["REMOTE_PORT"]) <= 65535
 
 

@@ -27,9 +27,9 @@ from typing import Any
 import pytest
 
 import asyncapp.__main__
-from asyncapp import reload
 from asyncapp.__main__ import build_parser
-from asyncapp.config import Config
+from asyncapp.server import reload
+from asyncapp.server.config import Config
 from asyncapp.testing import live_server
 
 pytestmark = pytest.mark.timeout(60)
@@ -158,7 +158,8 @@ def test_server_argv_adds_its_options_last_but_before_a_double_dash() -> None:
 
 
 def test_watchfiles_is_imported_only_when_reloading() -> None:
-    code = "import sys, asyncapp.__main__, asyncapp.reload; print('watchfiles' in sys.modules)"
+    imports = "import sys, asyncapp.__main__, asyncapp.server.reload"
+    code = f"{imports}; print('watchfiles' in sys.modules)"
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=WAIT, check=True
     )

@@ -1,4 +1,4 @@
-"""Unit tests of the host side: :class:`asyncapp.scheduler.Loop` and :class:`AppTask`."""
+"""Unit tests of the host side: :class:`asyncapp.host.loop.Loop` and :class:`AppTask`."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ from typing import Any
 import pytest
 
 import asyncapp
-from asyncapp import scheduler
+from asyncapp.host import loop as scheduler
+from asyncapp.host.loop import FD_SWEEP_INTERVAL, Loop
+from asyncapp.host.task import AppTask
 from asyncapp.protocol import (
     ASYNC_INPUT,
     ASYNC_READABLE,
@@ -29,7 +31,6 @@ from asyncapp.protocol import (
     TimeoutFlag,
     WaitHandle,
 )
-from asyncapp.scheduler import FD_SWEEP_INTERVAL, AppTask, Loop
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -97,7 +98,7 @@ def assert_nothing_registered(loop: Loop) -> None:
 
 
 class FakeTime:
-    """Stands in for the ``time`` module inside :mod:`asyncapp.scheduler`."""
+    """Stands in for the ``time`` module inside :mod:`asyncapp.host.loop`."""
 
     def __init__(self) -> None:
         self.now = 1000.0
@@ -693,7 +694,7 @@ def test_call_soon_threadsafe_never_loses_a_wake_up() -> None:
     thread must wake a loop that polls with no timeout of its own. A lost
     wake-up (the flag left set with no byte pending) would leave a poll
     waiting its full 10 s, and the test would time out."""
-    from asyncapp.threadpool import ThreadPool
+    from asyncapp.host.threadpool import ThreadPool
 
     loop = Loop()
     loop.accept_threads()

@@ -31,7 +31,7 @@ import pytest
 from server_client import Client, Response, chunked, request_bytes, running, server_side_unread
 
 import asyncapp
-from asyncapp.server import RECV_SIZE
+from asyncapp.server.exchange import RECV_SIZE
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -35,8 +35,9 @@ import pytest
 import asyncapp
 from asyncapp import green
 from asyncapp.green import _AppGreenlet
-from asyncapp.http11 import ProtocolError
-from asyncapp.server import DEADLINE_SWEEP, Connection, Server
+from asyncapp.server.connection import Connection
+from asyncapp.server.http11 import ProtocolError
+from asyncapp.server.run import DEADLINE_SWEEP, Server
 from asyncapp.testing import live_server
 
 pytestmark = pytest.mark.timeout(60)
@@ -1546,7 +1547,7 @@ def test_access_log_off(caplog: pytest.LogCaptureFixture) -> None:
 
 def test_access_log_is_on_by_default() -> None:
     from asyncapp.__main__ import build_parser
-    from asyncapp.config import Config
+    from asyncapp.server.config import Config
 
     assert Config().access_log is True
     assert build_parser().parse_args(["serve", "m:a"]).access_log is True

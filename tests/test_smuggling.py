@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from corpus_support import WAIT, RawConnection, Recorder, probe
 
-from asyncapp.server import Server
+from asyncapp.server.run import Server
 from asyncapp.testing import live_server
 
 pytestmark = pytest.mark.timeout(60)

@@ -26,7 +26,7 @@ from server_client import Client, chunked, request_bytes, running
 
 import asyncapp
 from asyncapp import green
-from asyncapp.server import Server
+from asyncapp.server.run import Server
 
 pytestmark = pytest.mark.timeout(60)
 

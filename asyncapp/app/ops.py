@@ -4,7 +4,7 @@ Like trio's ``_traps``, this module holds every ``yield`` that reaches a
 driver: each operation object yields *itself* once, from ``__iter__`` (for
 ``yield from``) or ``__await__`` (for ``await``), and the driver sends back
 the result or throws the error in. What the operation then does on the host
-lives in :mod:`asyncapp.hosts`.
+lives in :mod:`asyncapp.app.hosts`.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Generator
 from typing import Any, Generic, TypeVar
 
-from . import hosts
-from .protocol import FdLike
+from asyncapp.app import hosts
+from asyncapp.protocol import FdLike
 
 __all__ = ["Op", "Read", "Readable", "Sleep", "Writable", "read", "readable", "sleep", "writable"]
 

@@ -24,7 +24,6 @@ import errno
 import math
 import os
 import select
-import sys
 import threading
 import time
 from collections.abc import Generator
@@ -32,9 +31,9 @@ from typing import Any, Final, Literal
 
 from werkzeug.wsgi import LimitedStream, get_content_length
 
-from .body import RAW_CHUNK
-from .errors import Timeout, UsageError
-from .protocol import (
+from asyncapp.engines import gevent
+from asyncapp.errors import Timeout, UsageError
+from asyncapp.protocol import (
     ASYNC_INPUT,
     ASYNC_READABLE,
     ASYNC_VERSION,
@@ -42,6 +41,7 @@ from .protocol import (
     FDEVENT_READABLE,
     FDEVENT_TIMEOUT,
     FDEVENT_WRITABLE,
+    RAW_CHUNK,
     FdLike,
     WaitHandle,
 )
@@ -88,36 +88,6 @@ def _fileno(fd: FdLike) -> int:
     return fd if isinstance(fd, int) else fd.fileno()
 
 
-def _gevent_hub() -> Any:
-    """gevent, if the caller runs in one of its greenlets; else None.
-
-    On gevent.pywsgi or ``gunicorn -k gevent`` every request is a gevent
-    greenlet on one OS thread: a blocking ``poll`` or ``time.sleep`` there
-    freezes every other request unless the process was monkey-patched. This
-    asks gevent itself (only when it is imported at all), so it works with
-    or without patching and needs no setting or import order.
-    """
-    gevent = sys.modules.get("gevent")
-    if gevent is None:
-        return None
-    try:
-        kinds = (gevent.Greenlet, gevent.hub.Hub)
-        current = gevent.getcurrent()
-    except Exception:  # a gevent too old or half-imported: behave as without it
-        return None
-    # A @green.app greenlet is a plain greenlet whose parent is gevent's
-    # request greenlet: gevent can suspend it all the same.
-    while current is not None:
-        if isinstance(current, kinds):
-            return None if isinstance(current, gevent.hub.Hub) else gevent
-        current = current.parent
-    return None
-
-
-class _GeventTimeout(Exception):
-    pass
-
-
 def poll(fd: int, write: bool, timeout: float | None) -> bool:
     """Block until ``fd`` is ready or ``timeout`` passes; the fallback's wait.
 
@@ -126,16 +96,8 @@ def poll(fd: int, write: bool, timeout: float | None) -> bool:
     the next I/O call then raises the real error. In a gevent greenlet the
     wait goes to gevent's hub instead, so other greenlets run meanwhile.
     """
-    gevent = _gevent_hub()
-    if gevent is not None:
-        from gevent.socket import wait_read, wait_write
-
-        waiter = wait_write if write else wait_read
-        try:
-            waiter(fd, timeout=timeout, timeout_exc=_GeventTimeout)
-        except _GeventTimeout:
-            return False
-        return True
+    if gevent.running_in_hub_greenlet():
+        return gevent.wait_fd(fd, write, timeout)
     poller = select.poll()
     poller.register(fd, select.POLLOUT if write else select.POLLIN | select.POLLPRI)
     millis = None if timeout is None else max(0, math.ceil(timeout * 1000))
@@ -388,8 +350,7 @@ def sleep(environ: Environ, seconds: float) -> Steps:
             yield from _fdevent_wait(environ, _never_ready_fd(), False, left)
     left = deadline - time.monotonic()
     if left > 0.0005 and kind != "fdevent":
-        gevent = _gevent_hub()
-        if gevent is not None:
+        if gevent.running_in_hub_greenlet():
             gevent.sleep(left)  # the hub runs other greenlets meanwhile
         else:
             time.sleep(left)

@@ -24,7 +24,7 @@ from typing import Final, NamedTuple
 
 import httptools
 
-from .config import Config
+from asyncapp.server.config import Config
 
 __all__ = [
     "END",

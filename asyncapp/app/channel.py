@@ -27,9 +27,9 @@ import time
 from collections.abc import Generator
 from typing import Any, Final, Generic, TypeVar
 
-from . import hosts
-from .errors import AsyncappError, UsageError
-from .ops import Op
+from asyncapp.app import hosts
+from asyncapp.app.ops import Op
+from asyncapp.errors import AsyncappError, UsageError
 
 __all__ = ["Channel", "CursorExpired", "Event", "Message"]
 

@@ -46,7 +46,7 @@ setting; this is for other servers and for tests):
 
 .. code-block:: python
 
-    from asyncapp.proxy import ForwardedTrust
+    from asyncapp.server.proxy import ForwardedTrust
 
     trust = ForwardedTrust("127.0.0.1, ::1, 10.0.0.0/8")
     environ = {

@@ -8,7 +8,7 @@ For development only. Theory of operation, as uvicorn's reloader:
   backlog instead of being refused.
 * The server runs in a child process, ``python -m asyncapp serve ...
   --no-reload --fd N``, which inherits that socket and serves it (see
-  :attr:`asyncapp.config.Config.fd`). Only the child imports the app, so a
+  :attr:`asyncapp.server.config.Config.fd`). Only the child imports the app, so a
   syntax error in it cannot take the supervisor down.
 * `watchfiles <https://watchfiles.helpmanual.io/>`_ watches the reload
   directories. On a change to a ``*.py`` file the child is sent SIGTERM
@@ -39,7 +39,7 @@ from pathlib import Path, PurePath
 from types import FrameType
 from typing import Final
 
-from .config import Config
+from asyncapp.server.config import Config
 
 __all__ = [
     "RELOAD_SHUTDOWN_GRACE",
@@ -52,7 +52,7 @@ __all__ = [
     "server_argv",
 ]
 
-log = logging.getLogger("asyncapp.reload")
+log = logging.getLogger("asyncapp.server.reload")
 
 #: ``shutdown_grace`` under ``--reload`` unless one is given: 1 s rather
 #: than 10. Requests in flight at a reload during development are mostly

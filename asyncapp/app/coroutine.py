@@ -3,7 +3,7 @@
 Theory of operation: the decorated function becomes an ordinary WSGI app
 whose iterable is a :class:`Driver`. Each ``next()`` from the server advances
 the app until it yields a body chunk (passed on) or an operation from
-:mod:`asyncapp.ops`. An operation is carried out by its ``perform()``
+:mod:`asyncapp.app.ops`. An operation is carried out by its ``perform()``
 generator; every ``b""`` that generator yields goes to the server as an empty
 body string, which is how an app suspends under PEP 3333. When ``perform()``
 returns, its value is sent into the app (or its exception thrown in).
@@ -20,9 +20,9 @@ import threading
 from collections.abc import AsyncGenerator, Callable, Generator, Iterator
 from typing import Any, TypeAlias
 
-from .errors import UsageError
-from .ops import Op
-from .protocol import nonblocking
+from asyncapp.app.ops import Op
+from asyncapp.errors import UsageError
+from asyncapp.protocol import nonblocking
 
 __all__ = ["Driver", "StepDriver", "coroutine", "pin_thread", "thread_pinned", "unpin_thread"]
 
@@ -73,7 +73,7 @@ class StepDriver:
 
     Subclasses define ``_advance(send, exc)``, which resumes the app with a
     value (or an exception) and returns what it produced next: ``bytes`` or
-    an :class:`~asyncapp.ops.Op`; ``StopIteration`` ends the body.
+    an :class:`~asyncapp.app.ops.Op`; ``StopIteration`` ends the body.
     """
 
     __slots__ = ("_step",)

@@ -21,23 +21,15 @@ import operator
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Final
 
+from asyncapp.protocol import RAW_CHUNK
+
 if TYPE_CHECKING:
     from types import TracebackType
 
     from _typeshed import WriteableBuffer
 
-__all__ = ["RAW_CHUNK", "InputStream"]
+__all__ = ["InputStream"]
 
-#: The most one ``raw_read`` call asks for: when reading "all", for a line,
-#: or what is left of a large ``read(n)``. 64 KiB is the server's
-#: ``max_body_buffer`` and the ``recv`` size most hosts use, so one call
-#: usually takes all the host holds; it keeps the per-call overhead to one
-#: Python call per 64 KiB; and it bounds what one request makes a raw reader
-#: allocate (``socket.recv(n)`` allocates ``n`` bytes before it shrinks them),
-#: so a ``read(int(CONTENT_LENGTH))`` with a huge, trickled Content-Length
-#: grows only as the bytes actually arrive. werkzeug's ``LimitedStream``
-#: and ``@green.app``'s ``GreenInput`` use the same size.
-RAW_CHUNK: Final = 64 * 1024
 
 _EMPTY: Final = b""
 
