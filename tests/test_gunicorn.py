@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import threading
+import textwrap
 import time
 import urllib.parse
 from collections import Counter
@@ -476,6 +477,45 @@ def test_untrusted_proxy_and_custom_access_format(tmp_path: Path) -> None:
         assert wait_for(lambda: expected.search(master.out()) is not None, 5), master.out()
         found = expected.search(master.out())
         assert found is not None and int(found.group(1)) in master.booted()
+
+
+def test_pre_and_post_request_hooks_are_called(tmp_path: Path) -> None:
+    hooks = tmp_path / "hooks.txt"
+    config = tmp_path / "hooks_conf.py"
+    config.write_text(
+        textwrap.dedent(
+            f"""
+            def pre_request(worker, req):
+                if req.path == "/fail-hook":
+                    raise RuntimeError("hook refused")
+                with open({str(hooks)!r}, "a") as out:
+                    out.write(f"pre {{req.method}} {{req.path}} {{req.query}}\\n")
+
+            def post_request(worker, req, environ, resp):
+                with open({str(hooks)!r}, "a") as out:
+                    out.write(f"post {{req.method}} {{req.path}} {{resp.status_code}} "
+                              f"{{environ['PATH_INFO']}}\\n")
+            """
+        )
+    )
+    with gunicorn(tmp_path, "-c", str(config), workers=1) as master:
+        assert request(master.port, "/env?x=1")[0] == 200
+        assert request(master.port, "/missing")[0] == 404
+        # A failing pre_request is a 500 and the worker carries on, as in gunicorn.
+        assert request(master.port, "/fail-hook")[0] == 500
+        assert request(master.port, "/env")[0] == 200
+        expected = [
+            "pre GET /env x=1",
+            "post GET /env 200 /env",
+            "pre GET /missing ",
+            "post GET /missing 404 /missing",
+            "post GET /fail-hook 500 /fail-hook",
+            "pre GET /env ",
+            "post GET /env 200 /env",
+        ]
+        assert wait_for(lambda: hooks.exists() and len(hooks.read_text().splitlines()) >= 7, 5)
+        assert hooks.read_text().splitlines() == expected
+        assert "hook refused" in master.log()
 
 
 # -- stopping with long polls held ---------------------------------------------------------

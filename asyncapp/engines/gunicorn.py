@@ -137,6 +137,12 @@ def _access_logging(log: Any) -> bool:
     )
 
 
+def _hook_set(cfg: Any, name: str) -> bool:
+    """Whether the user replaced gunicorn's default for the hook ``name``."""
+    setting = cfg.settings[name]
+    return setting.get() is not setting.default
+
+
 class _AccessResponse:
     """What gunicorn's ``Logger.atoms`` (and statsd) read of a response."""
 
@@ -161,7 +167,8 @@ class _AccessResponse:
 
 
 class _AccessRequest:
-    """What gunicorn's ``Logger.atoms`` read of a request."""
+    """What gunicorn's ``Logger.atoms`` and its ``pre_request`` / ``post_request``
+    hooks read of a request."""
 
     __slots__ = ("_environ", "method", "path", "query", "uri", "version")
 
@@ -196,6 +203,7 @@ class Worker(base.Worker):  # type: ignore[misc]  # gunicorn has no type hints
         self.server: Server | None = None
         self._stopping = False
         self._log_access = False
+        self._post_request = False
         # Workers get half of gunicorn's timeout (the arbiter's margin);
         # a heartbeat every half of that, or every second, is well within.
         self._tick_every = min(MAX_TICK, self.timeout / 2) if self.timeout else MAX_TICK
@@ -227,8 +235,13 @@ class Worker(base.Worker):  # type: ignore[misc]  # gunicorn has no type hints
         environ["wsgi.multiprocess"] = cfg.workers > 1
         environ["wsgi.errors"] = WSGIErrorsWrapper(cfg)  # gunicorn's error log
         self._log_access = _access_logging(self.log)
-        if self._log_access or self.max_requests < sys.maxsize:
+        self._post_request = _hook_set(cfg, "post_request")
+        if self._log_access or self._post_request or self.max_requests < sys.maxsize:
             server.on_access = self._on_access
+        # gunicorn's default pre_request only logs at DEBUG: left out
+        # otherwise, so the common case pays nothing per request.
+        if _hook_set(cfg, "pre_request") or cfg.loglevel.lower() == "debug":
+            server.on_request = self._on_request
         return server
 
     def _route_asyncapp_logs(self) -> None:
@@ -301,8 +314,20 @@ class Worker(base.Worker):  # type: ignore[misc]  # gunicorn has no type hints
             self._recycle()
         server.loop.call_later(self._tick_every, self._tick)
 
+    def _on_request(self, exchange: Exchange) -> None:
+        """gunicorn's ``pre_request`` hook, on the loop before the app runs."""
+        self.cfg.pre_request(self, _AccessRequest(exchange.environ))
+
     def _on_access(self, exchange: Exchange) -> None:
         """Called by the server as each request finishes (on the loop)."""
+        if self._post_request:
+            environ = exchange.environ
+            try:
+                self.cfg.post_request(
+                    self, _AccessRequest(environ), environ, _AccessResponse(exchange)
+                )
+            except Exception:  # as gunicorn's workers do: logged, the worker goes on
+                self.log.exception("Exception in post_request hook")
         if self._log_access:
             environ = exchange.environ
             elapsed = datetime.timedelta(seconds=time.monotonic() - exchange.started)

@@ -338,7 +338,14 @@ class Exchange(AppTask):
 
     # -- running the app ---------------------------------------------------
     def run(self, app: WSGIApp) -> None:
-        pool = self.conn.server.pool
+        server = self.conn.server
+        if server.on_request is not None:
+            try:
+                server.on_request(self)
+            except Exception as error:  # the host's hook failed: a 500, as gunicorn does
+                self.app_done(error)
+                return
+        pool = server.pool
         if pool is not None:
             self.start_in_thread(functools.partial(app, self.environ, self.start_response), pool)
             return

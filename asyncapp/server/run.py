@@ -73,6 +73,9 @@ class Server:
         #: Called with each finished exchange instead of the Common Log
         #: Format line (a host with its own access log, such as gunicorn's).
         self.on_access: Callable[[Exchange], None] | None = None
+        #: Called on the loop with each exchange before its app is called
+        #: (gunicorn's ``pre_request``); an exception becomes a 500.
+        self.on_request: Callable[[Exchange], None] | None = None
         #: Plain apps run here (docs/server.md, "Which apps run where");
         #: None runs every app on the loop.
         self.pool: ThreadPool | None = None
