@@ -25,8 +25,8 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import textwrap
+import threading
 import time
 import urllib.parse
 from collections import Counter
