@@ -1,4 +1,4 @@
-"""asyncapp.asgi.to_asgi on real ASGI servers: uvicorn (asyncio and uvloop) and hypercorn.
+"""asyncapp.asgi.to_asgi on real ASGI servers: uvicorn (asyncio, uvloop), hypercorn, granian.
 
 Each server is a real process on loopback serving ``tests/asgi_apps.py``.
 The apps' waits must overlap without a thread each, plain apps must not
@@ -34,6 +34,8 @@ ENGINES = {
     "uvicorn-asyncio": ["uvicorn", "--loop", "asyncio", "--http", "h11"],
     "uvicorn-uvloop": ["uvicorn", "--loop", "uvloop", "--http", "httptools"],
     "hypercorn": ["hypercorn"],
+    # granian's own ASGI interface (Rust HTTP, asyncio on the Python side).
+    "granian": ["granian", "--interface", "asgi", "--loop", "asyncio", "--http", "1"],
 }
 
 
@@ -41,7 +43,7 @@ ENGINES = {
 def engine(name: str, target: str = "asgi_apps:app") -> Iterator[tuple[str, int]]:
     def command(port: int) -> list[str]:
         argv = [str(BIN / ENGINES[name][0]), *ENGINES[name][1:], target, "--log-level", "warning"]
-        if name.startswith("uvicorn"):
+        if name.startswith("uvicorn") or name == "granian":
             return [*argv, "--host", "127.0.0.1", "--port", str(port)]
         return [*argv, "--bind", f"127.0.0.1:{port}"]
 

@@ -3,7 +3,7 @@
 .. code-block:: python
 
     # uvicorn myapp:asgi_app
-    import asyncapp.engines.asgi
+    import asyncapp.asgi
     asgi_app = asyncapp.asgi.to_asgi(app)
 
 Theory of operation. The bridge is another host of both extensions, with the
