@@ -16,6 +16,15 @@ library): the client must be cheap next to the servers it measures.
    (keep-alive) and the broadcast is repeated, ``--rounds`` times in all;
    the JSON has each round and the median of the rounds.
 Every phase has a deadline; on a miss the JSON says where it stopped.
+
+With ``--by-process`` the client also asks ``/counts`` how the held polls
+are spread over the server's processes (``bench/redis_apps.py``). With
+``--redis-url`` (the redis scenario, issue 11) it counts, around every
+publish, the round trips Redis saw from the server's processes
+(``bench/redis_probe.py``): of a first publish with nobody waiting (on a
+fresh Redis it also loads the publish script), the warm-up's, another with
+nobody waiting, and each broadcast's, so that the JSON shows whether they
+grow with N.
 """
 
 from __future__ import annotations
@@ -27,9 +36,12 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench.procstat import raise_fd_limit, rss_kb
+
+if TYPE_CHECKING:
+    from bench.redis_probe import RoundTrips
 
 CONNECT_CONCURRENCY = 256
 
@@ -175,39 +187,106 @@ async def wait_count(port: int, n: int, deadline: float) -> int:
     return seen
 
 
-async def broadcast(port: int, waiters: list[Waiter], timeout: float) -> dict[str, Any]:
+async def broadcast(
+    port: int, waiters: list[Waiter], timeout: float, probe: RoundTrips | None = None
+) -> dict[str, Any]:
     # A connection opened beforehand, so connecting is not timed.
     _reader, writer = await asyncio.open_connection("127.0.0.1", port)
     deadline = time.monotonic() + timeout
+    begin = _open_window(probe)
     start = time.perf_counter()
     writer.write(_request("/release"))
+    end: int | None = None
     while time.monotonic() < deadline:
         if all(w.finished_at is not None or w.lost for w in waiters):
             break
+        if probe is not None and end is None and time.perf_counter() - start >= probe.window:
+            end = probe.mark()  # a broadcast longer than the window: it closes now
         await asyncio.sleep(0.002)
     writer.close()
     times = [w.finished_at - start for w in waiters if w.finished_at is not None]
     ok = sum(1 for w in waiters if w.parser.body == b"released")
-    return {
+    done: dict[str, Any] = {
         "answered": len(times),
         "released_ok": ok,
         "fanout_ms": max(times) * 1000 if len(times) == len(waiters) and times else None,
         "median_ms": statistics.median(times) * 1000 if times else None,
     }
+    if probe is not None:
+        done["round_trips"] = await _close_window(probe, begin, end, start, len(waiters))
+    return done
+
+
+def _open_window(probe: RoundTrips | None) -> int:
+    """Before a publish: the readers' XREADs restarted, and the window's first marker."""
+    if probe is None:
+        return -1
+    probe.quiesce()
+    return probe.mark()
+
+
+async def _close_window(
+    probe: RoundTrips, begin: int, end: int | None, start: float, waiters: int
+) -> dict[str, Any]:
+    """After a publish: once every reader has read again (bounded by the
+    window), the last marker; the round trips between the two."""
+    if end is None:
+        while not probe.reread_since(begin) and time.perf_counter() - start < probe.window:
+            await asyncio.sleep(0.001)
+        end = probe.mark()
+    return probe.count(begin, end, waiters, probe.marked_at - start)
+
+
+async def publish_alone(port: int, probe: RoundTrips) -> dict[str, Any]:
+    """One publish with no poll held: its round trips."""
+    begin = _open_window(probe)
+    start = time.perf_counter()
+    body = await fetch(port, "/release")
+    if body != b"ok":
+        raise RuntimeError(f"/release answered {body!r}")
+    return await _close_window(probe, begin, None, start, 0)
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"n": args.n, "phase": "warm-up"}
     end = time.monotonic() + args.timeout
+    probe: RoundTrips | None = None
+    if args.redis_url:
+        from bench.redis_probe import RoundTrips
+
+        probe = RoundTrips(args.redis_url, args.pid)
+        found = probe.wait_readers(args.readers)
+        if found != args.readers:
+            probe.close()
+            result["error"] = f"{found} channel readers connected to Redis, not {args.readers}"
+            return result
+    try:
+        return await _run(args, result, end, probe)
+    finally:
+        if probe is not None:
+            probe.close()
+
+
+async def _run(
+    args: argparse.Namespace, result: dict[str, Any], end: float, probe: RoundTrips | None
+) -> dict[str, Any]:
+    trips: list[dict[str, Any]] = []
+    if probe is not None:
+        # The run's first publish: on a fresh Redis it also loads the script.
+        trips.append({**await publish_alone(args.port, probe), "first": True})
+        result["round_trips"] = trips
     # 1. warm-up round
     warm, errors = await open_waiters(args.port, args.warmup, end)
     if errors or await wait_count(args.port, args.warmup, end) < args.warmup:
         result["error"] = f"warm-up: {errors} connect errors, count never reached"
         return result
-    await broadcast(args.port, warm, max(1.0, end - time.monotonic()))
+    done = await broadcast(args.port, warm, max(1.0, end - time.monotonic()), probe)
     for w in warm:
         if w.transport is not None:
             w.transport.close()
+    if probe is not None:
+        trips.append(done["round_trips"])
+        trips.append(await publish_alone(args.port, probe))
     await asyncio.sleep(0.5)
     result["rss_before_kb"] = rss_kb(args.pid)
     # 3. hold N
@@ -222,6 +301,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         _close(waiters)
         return result
     result["hold_s"] = time.monotonic() - started
+    if args.by_process:
+        counts = json.loads(await fetch(args.port, "/counts"))
+        result["held_by_process"] = sorted(counts.values(), reverse=True)
     await asyncio.sleep(1.0)
     result["rss_held_kb"] = rss_kb(args.pid)
     result["kb_per_conn"] = (result["rss_held_kb"] - result["rss_before_kb"]) / args.n
@@ -246,7 +328,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 result["error"] = f"round {round_number + 1}: only {held} held again"
                 break
             await asyncio.sleep(0.2)
-        done = await broadcast(args.port, waiters, max(1.0, end - time.monotonic()))
+        done = await broadcast(args.port, waiters, max(1.0, end - time.monotonic()), probe)
+        if probe is not None:
+            trips.append(done["round_trips"])
         if done["fanout_ms"] is None:
             result["error"] = f"only {done['answered']} of {args.n} answered before the deadline"
             break
@@ -278,6 +362,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3, help="broadcasts per connection set")
     parser.add_argument("--timeout", type=float, default=120.0, help="whole run, seconds")
+    parser.add_argument(
+        "--by-process", action="store_true", help="ask /counts how the held polls are spread"
+    )
+    parser.add_argument("--redis-url", default=None, help="count Redis round trips per publish")
+    parser.add_argument(
+        "--readers", type=int, default=1, help="channel readers (processes) to expect in Redis"
+    )
     args = parser.parse_args(argv)
     raise_fd_limit(args.n + args.warmup + 256)
     result = asyncio.run(run(args))

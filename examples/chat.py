@@ -11,6 +11,11 @@ Run it and open the page in two browser windows::
 
     asyncapp serve examples.chat:app        # http://127.0.0.1:8000/
 
+With ``REDIS_URL`` set the room is a :class:`asyncapp.redis.RedisChannel`,
+which every process serving the chat shares (``docs/deploy.md``, "Redis")::
+
+    REDIS_URL=redis://127.0.0.1:6379/0 gunicorn -k asyncapp.gunicorn.Worker -w 4 examples.chat:app
+
 HTTP API (the page uses nothing else):
 
 ``POST /send``
@@ -31,6 +36,7 @@ Bad input gets a 4xx with a one-line text body.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from wsgiref.types import StartResponse, WSGIEnvironment
 
@@ -52,7 +58,14 @@ MAX_TIMEOUT = 60.0
 #: Seconds to wait for the next piece of a posted form.
 BODY_TIMEOUT = 10.0
 
-ROOM = asyncapp.Channel(history=HISTORY)
+#: The room: in this process, or, with REDIS_URL set, a Redis stream that
+#: every worker and machine serving the chat shares.
+if REDIS_URL := os.environ.get("REDIS_URL"):
+    from asyncapp.redis import RedisChannel
+
+    ROOM: asyncapp.Channel | RedisChannel = RedisChannel(REDIS_URL, "asyncapp:chat", HISTORY)
+else:
+    ROOM = asyncapp.Channel(history=HISTORY)
 
 WSGIApp = Callable[[WSGIEnvironment, StartResponse], Iterable[bytes]]
 

@@ -7,6 +7,19 @@ it within a second. A second message checks that user text is escaped. Page
 two's screenshot is saved as ``test-artifacts/chat.png`` (with the measured
 latency in ``test-artifacts/chat-latency.json``).
 
+The same chat then runs as issue 11 deploys it: a real gunicorn master with
+four ``asyncapp.gunicorn.Worker`` workers, ``REDIS_URL`` pointing at a
+``redis-server`` of the test's own (``tests/redis_support.py``). Each page
+gets a browser context of its own (its own connections); page one's worker
+is paused (``SIGSTOP``) while page two opens, so that the kernel hands page
+two's connections to another worker, and resumed before any message is
+sent. gunicorn's access log, with the worker's pid (``%(p)s``) and the
+page's name (a request header) on each line, shows which worker served
+which request. Each page must show the other's message, and the two polls
+that delivered the first message must have been held by different workers,
+so that message crossed from one worker to another through Redis (page
+two's screenshot: ``test-artifacts/chat-redis-workers.png``).
+
 The browser is the system one, ``/usr/bin/chromium`` (``.ci/run`` installs it
 with apt-get when it is missing); Playwright never downloads one. Without it,
 or without the ``playwright`` package, the test fails: it is never skipped.
@@ -16,13 +29,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
+import signal
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import pytest
+from redis_support import redis_server, wait_until
+from test_gunicorn import gunicorn
 
 from asyncapp.testing import live_server
 
@@ -193,3 +211,164 @@ def test_chat_in_two_browser_pages() -> None:
             raise
         finally:
             context.close()
+
+
+# -- the chat on four gunicorn workers sharing a RedisChannel (issue 11) ------------
+
+WORKERS = 4
+#: Each page's requests carry their page's name in this header, which the
+#: access log writes next to the pid of the worker that served the request.
+PAGE_HEADER = "X-Chat-Page"
+ACCESS_FORMAT = '%(p)s %({x-chat-page}i)s "%(r)s" %(s)s'
+ACCESS_LINE = re.compile(r'^<(\d+)> (\S+) "(\w+) (\S+) HTTP/1\.1" (\d{3})$')
+
+
+class AccessLog:
+    """gunicorn's access log: which worker served each page's requests."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def requests(self) -> list[tuple[int, str, str, str, int]]:
+        """(pid, page, method, target, status) of every request logged so far."""
+        if not self.path.exists():
+            return []
+        found = []
+        for line in self.path.read_text().splitlines():
+            match = ACCESS_LINE.match(line)
+            assert match, f"unexpected access log line: {line!r}"
+            pid, page, method, target, status = match.groups()
+            found.append((int(pid), page, method, target, int(status)))
+        return found
+
+    def workers_of(self, page: str) -> set[int]:
+        return {pid for pid, name, *_ in self.requests() if name == page}
+
+    def wait_for(self, page: str, method: str, target: str) -> int:
+        """The pid that served ``page``'s request, once it is logged (bounded)."""
+        served: list[int] = []
+
+        def logged() -> bool:
+            served[:] = [
+                pid
+                for pid, name, verb, path, _ in self.requests()
+                if (name, verb, path) == (page, method, target)
+            ]
+            return bool(served)
+
+        wait_until(logged, f"{page}'s {method} {target} in the access log")
+        assert len(served) == 1, f"{page}'s {method} {target} logged {len(served)} times"
+        return served[0]
+
+    def poll_holder(self, page: str, cursor: int) -> int:
+        """The worker that held ``page``'s long poll from ``cursor`` (answered by now)."""
+        return self.wait_for(page, "GET", f"/poll?cursor={cursor}&timeout=25")
+
+
+def _open_chat(browser: Any, url: str, name: str, errors: list[str]) -> Any:
+    """A page in a browser context of its own (own connections), connected."""
+    from playwright.sync_api import expect
+
+    context = browser.new_context(
+        viewport={"width": 800, "height": 600}, extra_http_headers={PAGE_HEADER: name}
+    )
+    context.set_default_timeout(WAIT_MS)
+    context.set_default_navigation_timeout(WAIT_MS)
+    page = context.new_page()
+    page.on("pageerror", lambda error: errors.append(f"{name}: {error}"))
+    page.goto(url)
+    expect(page.locator("#status")).to_have_text(CONNECTED, timeout=WAIT_MS)
+    return page
+
+
+def _send(page: Any, name: str, text: str) -> None:
+    page.locator("#name").fill(name)
+    page.locator("#message").fill(text)
+    page.locator("#send").click()
+
+
+@pytest.mark.timeout(90)
+def test_chat_in_two_browser_pages_on_four_gunicorn_workers_with_redis(tmp_path: Path) -> None:
+    sync_playwright = _require_browser()
+    from playwright.sync_api import expect
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    access = AccessLog(tmp_path / "access.log")
+    page_errors: list[str] = []
+    with (
+        redis_server(tmp_path) as redis,
+        gunicorn(
+            tmp_path,
+            "--access-logfile",
+            str(access.path),
+            "--access-logformat",
+            ACCESS_FORMAT,
+            app="examples.chat:app",
+            workers=WORKERS,
+            env={"REDIS_URL": redis.url},
+        ) as master,
+        sync_playwright() as playwright,
+    ):
+        workers = set(master.booted())
+        assert len(workers) == WORKERS, master.log()
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS, timeout=30_000
+        )
+        url = f"http://127.0.0.1:{master.port}/"
+        pages: dict[str, Any] = {}
+        try:
+            pages["one"] = _open_chat(browser, url, "one", page_errors)
+            first = access.wait_for("one", "GET", "/poll?cursor=0&timeout=0")
+            # Which worker accepts a connection is the kernel's choice, and
+            # it tends to be the one that just served: page one's worker is
+            # paused while page two opens, so that another one takes page
+            # two's connections. It resumes before any message is sent.
+            os.kill(first, signal.SIGSTOP)
+            try:
+                pages["two"] = _open_chat(browser, url, "two", page_errors)
+            finally:
+                os.kill(first, signal.SIGCONT)
+            second = access.wait_for("two", "GET", "/poll?cursor=0&timeout=0")
+            assert second != first
+            one_page, two_page = pages["one"], pages["two"]
+
+            # Page one's message reaches page two, and page two's page one.
+            _send(one_page, "alice", "hello from page one")
+            for page in (one_page, two_page):
+                expect(_message(page, "alice: hello from page one")).to_have_count(1)
+            _send(two_page, "bob", "hello from page two")
+            for page in (one_page, two_page):
+                expect(_message(page, "bob: hello from page two")).to_have_count(1)
+                expect(page.locator("#messages li.message")).to_have_count(2)
+
+            # The log says who did what: the first message was delivered to
+            # the two pages by polls that two different workers held, so it
+            # crossed workers whichever one took the post.
+            sent = {
+                "one": access.wait_for("one", "POST", "/send"),
+                "two": access.wait_for("two", "POST", "/send"),
+            }
+            held = {
+                page: [access.poll_holder(page, cursor) for cursor in (0, 1)]
+                for page in ("one", "two")
+            }
+            print(
+                f"workers {sorted(workers)}; pages first served by {first} and {second}; "
+                f"posts served by {sent}; polls delivering messages 1 and 2 held by {held}"
+            )
+            assert held["one"][0] != held["two"][0], held
+            served: defaultdict[str, set[int]] = defaultdict(set)
+            for pid, page_name, *_ in access.requests():
+                served[page_name].add(pid)
+            assert set(served) == {"one", "two"}
+            assert served["one"] | served["two"] <= workers
+            assert len(served["one"] | served["two"]) >= 2, served
+            two_page.screenshot(path=str(ARTIFACTS / "chat-redis-workers.png"), full_page=True)
+            assert page_errors == [], f"uncaught errors in the pages: {page_errors}"
+        except BaseException:
+            for name, page in pages.items():
+                with contextlib.suppress(Exception):
+                    page.screenshot(path=str(ARTIFACTS / f"chat-redis-failure-{name}.png"))
+            raise
+        finally:
+            browser.close()

@@ -24,7 +24,7 @@ import collections
 import os
 import threading
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Iterable
 from typing import Any, Final, Generic, TypeVar
 
 from asyncapp.app import hosts
@@ -281,6 +281,36 @@ class Channel:
         with self._signal.lock:
             return self._since(cursor)
 
+    def _extend(self, messages: Iterable[Message]) -> int:
+        """Append messages numbered elsewhere, in id order; wake waiters once.
+
+        The history of another store (:mod:`asyncapp.redis`) kept in this
+        process: ids it already holds are skipped, so the same message may
+        arrive twice by two paths. An id past the next one means the ones
+        between cannot be had: the history starts again there, so a cursor
+        before it raises :class:`CursorExpired` instead of silently missing
+        them. Returns how many ids were jumped over that way.
+        """
+        jumped = 0
+        with self._signal.lock:
+            last = self._last
+            for message in messages:
+                if message.id <= self._last:
+                    continue
+                if message.id != self._last + 1:
+                    jumped += message.id - self._last - 1
+                    self._messages.clear()
+                self._messages.append(message)
+                self._last = message.id
+            if self._last != last:
+                self._signal.fire()
+        return jumped
+
+    def _held(self) -> list[Message]:
+        """Every message in the history, oldest first."""
+        with self._signal.lock:
+            return list(self._messages)
+
     def _since(self, cursor: int) -> list[Message]:
         last = self._last
         if cursor == last:
@@ -357,6 +387,7 @@ class Event:
         self._sets = 0  # how many times set() raised the flag
 
     def is_set(self) -> bool:
+        """Whether the flag is up (set and not cleared since)."""
         return self._flag
 
     def set(self) -> None:
