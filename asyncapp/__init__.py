@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from asyncapp import green, protocol, sse, web
+from asyncapp import green, protocol, sse, web, websocket
 from asyncapp.app.channel import Channel, CursorExpired, Event, Message
 from asyncapp.app.coroutine import coroutine
 from asyncapp.app.hosts import host_kind
@@ -32,6 +32,7 @@ from asyncapp.app.ops import Op, read, readable, sleep, writable
 from asyncapp.errors import AsyncappError, ClientGone, Timeout, UsageError
 from asyncapp.protocol import nonblocking
 
+#: asyncapp's version; the one place it is written (the package build reads it).
 __version__ = "0.1.0"
 
 
@@ -73,5 +74,6 @@ __all__ = [
     "sleep",
     "sse",
     "web",
+    "websocket",
     "writable",
 ]

@@ -111,6 +111,34 @@ def build_parser() -> argparse.ArgumentParser:
         "Forwarded headers are trusted (default: %(default)s)",
     )
     serve.add_argument(
+        "--ws-max-message-size",
+        type=_count,
+        default=defaults.ws_max_message_size,
+        metavar="BYTES",
+        help="largest WebSocket message; a larger one closes with 1009 (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--ws-ping-interval",
+        type=_seconds,
+        default=defaults.ws_ping_interval,
+        metavar="S",
+        help="seconds between WebSocket pings; 0 sends none (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--ws-ping-timeout",
+        type=_seconds,
+        default=defaults.ws_ping_timeout,
+        metavar="S",
+        help="seconds a pong may take before the WebSocket closes with 1011; 0 waits "
+        "for none (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--ws-per-message-deflate",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.ws_per_message_deflate,
+        help="compress WebSocket messages when the client offers permessage-deflate (default: on)",
+    )
+    serve.add_argument(
         "--shutdown-grace",
         type=_seconds,
         default=None,
@@ -177,6 +205,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         threads=args.threads,
         send_timeout=args.send_timeout,
         forwarded_allow_ips=args.forwarded_allow_ips,
+        ws_max_message_size=args.ws_max_message_size,
+        ws_ping_interval=args.ws_ping_interval,
+        ws_ping_timeout=args.ws_ping_timeout,
+        ws_per_message_deflate=args.ws_per_message_deflate,
         shutdown_grace=defaults.shutdown_grace if shutdown_grace is None else shutdown_grace,
     )
     server = Server(app, config)

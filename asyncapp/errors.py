@@ -7,7 +7,16 @@ message says how to fix it.
 
 from __future__ import annotations
 
-__all__ = ["AsyncappError", "ClientGone", "Timeout", "UsageError"]
+from http import HTTPStatus
+
+__all__ = [
+    "AsyncappError",
+    "ClientGone",
+    "HandshakeError",
+    "Timeout",
+    "UsageError",
+    "WebSocketUnavailable",
+]
 
 
 class AsyncappError(Exception):
@@ -45,4 +54,61 @@ class ClientGone(AsyncappError, ConnectionError):
     ``wsgi.input`` read or by the ``write()`` callable, so a view that is
     still reading or streaming stops instead of working for nobody. It is a
     :class:`ConnectionError`, which is what such code already catches.
+    """
+
+
+class HandshakeError(AsyncappError):
+    """The request is not a valid WebSocket opening handshake; carries the answer.
+
+    Raised by :func:`asyncapp.websocket.accept` (and by the host's
+    ``x-wsgiorg.async.websocket``): ``status`` (``"400 Bad Request"`` or
+    ``"426 Upgrade Required"``), ``headers`` and ``body`` are the response
+    to send. Left uncaught in an ``@asyncapp.coroutine`` or ``@green.app``
+    app, the driver sends it; an app that catches it may send it itself:
+
+    .. code-block:: python
+
+        try:
+            ws = yield from asyncapp.websocket.accept(environ)
+        except asyncapp.websocket.HandshakeError as refused:
+            yield from refused.respond(start_response)
+            return
+    """
+
+    def __init__(self, code: int, message: str, headers: tuple[tuple[str, str], ...] = ()) -> None:
+        super().__init__(f"{code} {message}")
+        self.code = code
+        self.message = message
+        self.status = f"{code} {HTTPStatus(code).phrase}"
+        self.body = (message + "\n").encode("utf-8")
+        self.headers = [
+            ("Content-Type", "text/plain; charset=utf-8"),
+            ("Content-Length", str(len(self.body))),
+            *headers,
+        ]
+
+    def respond(self, start_response: object) -> list[bytes]:
+        """Start the refusal with ``start_response``; return its body, for
+        ``return refused.respond(start_response)`` (or ``yield from``)."""
+        assert callable(start_response)
+        start_response(self.status, list(self.headers))
+        return [self.body]
+
+
+class WebSocketUnavailable(AsyncappError):
+    """The server the app runs on cannot carry WebSockets for a WSGI app.
+
+    Raised by :func:`asyncapp.websocket.accept` on a valid handshake when the
+    host offers no ``x-wsgiorg.async.websocket`` (wsgiref, gunicorn's sync
+    worker, an ASGI server through an adapter that only speaks HTTP...).
+    Catch it to fall back to long polling:
+
+    .. code-block:: python
+
+        try:
+            ws = yield from asyncapp.websocket.accept(environ)
+        except asyncapp.websocket.WebSocketUnavailable:
+            start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
+            yield b"use /poll instead"
+            return
     """

@@ -39,8 +39,21 @@ from asyncapp.app.hosts import host_kind
 from asyncapp.app.ops import Op, Read, Readable, Sleep, Writable
 from asyncapp.errors import UsageError
 from asyncapp.protocol import RAW_CHUNK, FdLike, nonblocking
+from asyncapp.websocket import Accept, Message, WebSocket
+from asyncapp.websocket import accept as _accept_websocket
+from asyncapp.websocket import is_upgrade as _is_upgrade
 
-__all__ = ["GreenInput", "app", "read", "readable", "run", "sleep", "writable"]
+__all__ = [
+    "GreenInput",
+    "GreenWebSocket",
+    "app",
+    "read",
+    "readable",
+    "run",
+    "sleep",
+    "websocket",
+    "writable",
+]
 
 T = TypeVar("T")
 Environ = dict[str, Any]
@@ -84,10 +97,13 @@ class _AppGreenlet(greenlet.greenlet):  # type: ignore[misc]
         self.idle = False
         #: The error of the last job, until the driver takes it.
         self.failure: BaseException | None = None
+        #: The job accepted a WebSocket: its app may return None (no body).
+        self.accepted = False
 
     def _serve(self, job: Callable[[], None]) -> object:
         while True:
             outcome = _DONE
+            self.accepted = False
             try:
                 job()
             except greenlet.GreenletExit:  # closed while it waited: done
@@ -133,7 +149,10 @@ def _suspend(op: Op[Any], caller: str) -> Any:
             "decorate the WSGI app, or use 'yield from asyncapp."
             f"{caller}(...)' in a @asyncapp.coroutine app"
         )
-    return current.parent.switch(op)
+    result = current.parent.switch(op)
+    if op.__class__ is Accept:
+        current.accepted = True
+    return result
 
 
 class _GreenRawInput(io.RawIOBase):
@@ -227,6 +246,8 @@ def _run(app: WSGIApp, environ: Environ, start_response: StartResponse, async_ho
         green_input = environ["wsgi.input"] = GreenInput(environ, environ["wsgi.input"])
     try:
         result = app(environ, start_response)
+        if result is None and greenlet.getcurrent().accepted:
+            return  # a WebSocket app: the server's 101 was its response
         try:
             for chunk in result:
                 # The parent is re-read each time: the server may drive the
@@ -247,7 +268,7 @@ class GreenDriver(StepDriver):
     __slots__ = ("_app_name", "_async_host", "_child", "_context", "_job")
 
     def __init__(self, app: WSGIApp, environ: Environ, start_response: StartResponse) -> None:
-        super().__init__()
+        super().__init__(start_response)
         self._app_name = getattr(app, "__qualname__", "app")
         async_host = self._async_host = host_kind(environ) == "async"
         #: Made at the first step, not here: a greenlet belongs to the thread
@@ -343,6 +364,9 @@ def app(func: WSGIApp) -> Callable[[Environ, StartResponse], GreenDriver]:
             green.sleep(environ, 0.5)
             start_response("200 OK", [("Content-Type", "text/plain")])
             return [b"done"]
+
+    An app that accepted a WebSocket (``green.websocket.accept``) may return
+    None: the server's ``101`` was its response.
     """
 
     @functools.wraps(func)
@@ -399,3 +423,87 @@ def run(op: Op[T]) -> T:
         raise UsageError(f"green.run() takes an asyncapp operation, not {type(op).__name__}")
     result: T = _suspend(op, "run")
     return result
+
+
+class GreenWebSocket:
+    """A WebSocket whose calls suspend the greenlet: what ``green.websocket.accept`` returns.
+
+    The methods of :class:`asyncapp.websocket.WebSocket`, as plain calls.
+
+    .. code-block:: python
+
+        @green.app
+        def echo(environ, start_response):
+            ws = green.websocket.accept(environ)
+            while (message := ws.receive()) is not None:
+                ws.send(message)
+    """
+
+    __slots__ = ("_ws",)
+
+    def __init__(self, ws: WebSocket) -> None:
+        self._ws = ws
+
+    @property
+    def subprotocol(self) -> str | None:
+        """See :attr:`asyncapp.websocket.WebSocket.subprotocol`."""
+        return self._ws.subprotocol
+
+    @property
+    def close_code(self) -> int | None:
+        """See :attr:`asyncapp.websocket.WebSocket.close_code`."""
+        return self._ws.close_code
+
+    @property
+    def close_reason(self) -> str:
+        """See :attr:`asyncapp.websocket.WebSocket.close_reason`."""
+        return self._ws.close_reason
+
+    def receive(self, timeout: float | None = None) -> Message | None:
+        """The next message, ``None`` once closed; :class:`asyncapp.Timeout` on timeout."""
+        message: Message | None = _suspend(self._ws.receive(timeout), "websocket.receive")
+        return message
+
+    def send(self, message: Message) -> None:
+        """Send one message (``str``: text, ``bytes``: binary); waits while the peer is slow."""
+        _suspend(self._ws.send(message), "websocket.send")
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Close, and wait (boundedly) for the peer's answer."""
+        _suspend(self._ws.close(code, reason), "websocket.close")
+
+    def __repr__(self) -> str:
+        return f"<asyncapp.green.GreenWebSocket {self._ws!r}>"
+
+
+class _WebSocketCalls:
+    """``green.websocket``: :mod:`asyncapp.websocket` as plain calls.
+
+    .. code-block:: python
+
+        if green.websocket.is_upgrade(environ):
+            ws = green.websocket.accept(environ, subprotocols=["chat"])
+    """
+
+    __slots__ = ()
+
+    @staticmethod
+    def accept(
+        environ: Environ,
+        subprotocols: Iterable[str] = (),
+        headers: Iterable[tuple[str, str]] = (),
+    ) -> GreenWebSocket:
+        """:func:`asyncapp.websocket.accept` as a plain call: a :class:`GreenWebSocket`."""
+        ws: WebSocket = _suspend(
+            _accept_websocket(environ, subprotocols, headers), "websocket.accept"
+        )
+        return GreenWebSocket(ws)
+
+    @staticmethod
+    def is_upgrade(environ: Environ) -> bool:
+        """:func:`asyncapp.websocket.is_upgrade`: the request asks for a WebSocket."""
+        return _is_upgrade(environ)
+
+
+#: :mod:`asyncapp.websocket` as plain calls that suspend: ``green.websocket.accept``.
+websocket: Final = _WebSocketCalls()

@@ -14,6 +14,7 @@ __all__ = [
     "ASYNC_INPUT",
     "ASYNC_READABLE",
     "ASYNC_VERSION",
+    "ASYNC_WEBSOCKET",
     "ASYNC_WRITABLE",
     "FDEVENT_READABLE",
     "FDEVENT_TIMEOUT",
@@ -25,21 +26,36 @@ __all__ = [
     "TimeoutFlag",
     "WaitHandle",
     "WaitStatus",
+    "WebSocketHandle",
     "is_nonblocking",
     "nonblocking",
 ]
 
 #: The revision of ``x-wsgiorg.async`` that asyncapp speaks (major, minor).
 #: A host advertises it under :data:`ASYNC_VERSION`; apps accept any 1.x.
-VERSION: Final = (1, 0)
+#: 1.1 added :data:`ASYNC_WEBSOCKET`.
+VERSION: Final = (1, 1)
 
+#: Environ key of the version tuple an ``x-wsgiorg.async`` host speaks.
 ASYNC_VERSION: Final = "x-wsgiorg.async.version"
+#: Environ key of ``input(stream)``: the non-blocking :class:`AsyncReader`
+#: for the host's own ``wsgi.input``, or ``None`` for any other stream.
 ASYNC_INPUT: Final = "x-wsgiorg.async.input"
+#: Environ key of ``readable(fd, timeout)``, which returns a
+#: :class:`WaitHandle`; the app then yields ``b""``.
 ASYNC_READABLE: Final = "x-wsgiorg.async.readable"
+#: Environ key of ``writable(fd, timeout)``, as :data:`ASYNC_READABLE`.
 ASYNC_WRITABLE: Final = "x-wsgiorg.async.writable"
+#: 1.1: switches the request's connection to a WebSocket (docs/protocol.md 3.8).
+ASYNC_WEBSOCKET: Final = "x-wsgiorg.async.websocket"
 
+#: Environ key of the published fdevent ``readable(fd, timeout)``; the app
+#: yields ``b""`` right after calling it.
 FDEVENT_READABLE: Final = "x-wsgiorg.fdevent.readable"
+#: Environ key of the published fdevent ``writable(fd, timeout)``.
 FDEVENT_WRITABLE: Final = "x-wsgiorg.fdevent.writable"
+#: Environ key of the fdevent timeout flag (a :class:`TimeoutFlag` on
+#: asyncapp's hosts): true when the app was resumed by its timeout.
 FDEVENT_TIMEOUT: Final = "x-wsgiorg.fdevent.timeout"
 
 #: The most one ``raw_read`` call asks for: when reading "all", for a line,
@@ -54,6 +70,8 @@ FDEVENT_TIMEOUT: Final = "x-wsgiorg.fdevent.timeout"
 #: fallback and ``@green.app``'s ``GreenInput`` all use this size.
 RAW_CHUNK: Final = 64 * 1024
 
+#: Why a wait ended, as ``WaitHandle.status`` says: ``"pending"`` until
+#: the host decides, then one of the other four.
 WaitStatus = Literal["pending", "ready", "timeout", "error", "cancelled"]
 
 
@@ -75,9 +93,55 @@ class AsyncReader(Protocol):
     blocking. Wait with ``readable(reader)`` first.
     """
 
-    def read(self, size: int) -> bytes: ...
+    def read(self, size: int) -> bytes:
+        """At most ``size`` bytes; ``b""`` at the end; :class:`BlockingIOError` if none yet."""
+        ...
 
-    def fileno(self) -> int: ...
+    def fileno(self) -> int:
+        """The socket's fd, to wait on for readiness."""
+        ...
+
+
+@runtime_checkable
+class WebSocketHandle(Protocol):
+    """What ``x-wsgiorg.async.websocket`` returns: one WebSocket, message by message.
+
+    The host does the framing; the app sees whole messages. ``receive()``
+    returns the next message (``str`` for text, ``bytes`` for binary),
+    ``None`` once the connection is closed, and raises
+    :class:`BlockingIOError` when no whole message is there yet: wait with
+    ``readable(handle)``. ``send(message)`` queues one message and never
+    blocks; it returns ``False`` when the host's output is over its
+    high-water mark (wait with ``writable(handle)`` before sending more) and
+    raises :class:`ConnectionError` once the connection is closed.
+    ``close(code, reason)`` starts the closing handshake. See
+    ``docs/protocol.md`` 3.8.
+    """
+
+    @property
+    def subprotocol(self) -> str | None:
+        """The subprotocol agreed on in the handshake, or None."""
+
+    @property
+    def close_code(self) -> int | None:
+        """None while open; then the code the connection closed with (3.8)."""
+
+    @property
+    def close_reason(self) -> str:
+        """The reason that came with :attr:`close_code` ("" if none)."""
+
+    @property
+    def buffered(self) -> int:
+        """Bytes sent by the app that the peer has not taken yet."""
+
+    def receive(self) -> str | bytes | None:
+        """The next whole message, None once closed; BlockingIOError if none yet."""
+
+    def send(self, message: str | bytes) -> bool:
+        """Queue one message; False when the output is over its high-water mark."""
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Start the closing handshake (a no-op once it began)."""
 
 
 class WaitHandle:
@@ -97,7 +161,9 @@ class WaitHandle:
     __slots__ = ("_canceller", "error", "status")
 
     def __init__(self, canceller: Any = None) -> None:
+        #: ``"pending"``, then why the wait ended (:data:`WaitStatus`).
         self.status: WaitStatus = "pending"
+        #: The :class:`OSError` of a wait that ended in ``"error"``.
         self.error: OSError | None = None
         self._canceller = canceller
 

@@ -24,6 +24,7 @@ def test_all_matches_documented_api() -> None:
         "server",
         "asgi",
         "gunicorn",
+        "redis",
         "__all__",
     }
     assert set(asyncapp.__all__) == documented
@@ -48,5 +49,25 @@ def test_operation_docstrings_show_usage() -> None:
 def test_green_module_api() -> None:
     from asyncapp import green
 
-    expected = {"GreenInput", "app", "read", "readable", "run", "sleep", "writable"}
+    expected = {
+        "GreenInput",
+        "GreenWebSocket",
+        "app",
+        "read",
+        "readable",
+        "run",
+        "sleep",
+        "websocket",
+        "writable",
+    }
     assert set(green.__all__) == expected
+
+
+def test_websocket_module_api() -> None:
+    from asyncapp import websocket
+
+    expected = {"accept", "is_upgrade", "WebSocket", "WebSocketUnavailable", "HandshakeError"}
+    assert expected <= set(websocket.__all__)
+    assert ".. code-block:: python" in (websocket.accept.__doc__ or "")
+    assert issubclass(websocket.WebSocketUnavailable, asyncapp.AsyncappError)
+    assert issubclass(websocket.HandshakeError, asyncapp.AsyncappError)

@@ -73,7 +73,7 @@ def test_hello_and_environ(server: tuple[str, int]) -> None:
     info = json.loads(response.body)
     assert info["PATH_INFO"] == "/info" and info["QUERY_STRING"] == "a=1"
     assert info["REMOTE_ADDR"] == "127.0.0.1"
-    assert info["x-wsgiorg.async.version"] == [1, 0]
+    assert info["x-wsgiorg.async.version"] == [1, 1]
     assert ask(port, "/missing").status == 404
 
 

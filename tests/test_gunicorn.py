@@ -368,7 +368,7 @@ def test_both_extensions_offered(shared: Master) -> None:
     status, _, body = request(shared.port, "/env")
     assert status == 200
     env = json.loads(body)
-    assert env["async"] == [1, 0]
+    assert env["async"] == [1, 1]
     assert env["fdevent"] is True
     assert env["multiprocess"] is True  # two workers
     assert env["multithread"] is True  # plain apps run on the pool

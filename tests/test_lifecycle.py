@@ -12,6 +12,7 @@ import contextlib
 import contextvars
 import errno
 import gc
+import io
 import os
 import socket
 import time
@@ -648,14 +649,24 @@ def test_coroutine_rejects_plain_functions() -> None:
     def plain(environ: Environ, start_response: StartResponse) -> list[bytes]:
         return [b""]
 
-    async def no_yield(environ: Environ, start_response: StartResponse) -> None:
-        return None
+    with pytest.raises(asyncapp.UsageError, match="generator function") as info:
+        asyncapp.coroutine(plain)
+    assert plain.__qualname__ in str(info.value)
+    assert "yield" in str(info.value)
 
-    for func in (plain, no_yield):
-        with pytest.raises(asyncapp.UsageError, match="generator function") as info:
-            asyncapp.coroutine(func)
-        assert func.__qualname__ in str(info.value)
-        assert "yield" in str(info.value)
+
+def test_coroutine_takes_an_async_def_without_yield_as_a_bodyless_app() -> None:
+    """What a WebSocket app is: it waits, and its response is not its body."""
+    slept: list[str] = []
+
+    @asyncapp.coroutine
+    async def no_yield(environ: Environ, start_response: StartResponse) -> None:
+        await asyncapp.sleep(environ, 0)
+        slept.append("slept")
+
+    environ: Environ = {"REQUEST_METHOD": "GET", "wsgi.input": io.BytesIO()}
+    assert list(no_yield(environ, lambda *args: None)) == []  # the blocking fallback
+    assert slept == ["slept"]
 
 
 def bad_yield_app(style: str, value: Any, probe: Probe) -> App:

@@ -387,7 +387,7 @@ def wait_decided(loop: Loop, handle: WaitHandle, timeout: float = 5.0) -> float:
 
 def test_extensions_are_offered_as_asked(loop: Loop) -> None:
     both = Task(loop).environ
-    assert both[ASYNC_VERSION] == (1, 0)
+    assert both[ASYNC_VERSION] == (1, 1)
     assert {ASYNC_INPUT, ASYNC_READABLE, ASYNC_WRITABLE, FDEVENT_READABLE} <= set(both)
     assert isinstance(both[FDEVENT_TIMEOUT], TimeoutFlag)
     only_async = Task(loop, extensions=("async",)).environ

@@ -21,7 +21,8 @@ from collections.abc import AsyncGenerator, Callable, Generator, Iterator
 from typing import Any, TypeAlias
 
 from asyncapp.app.ops import Op
-from asyncapp.errors import UsageError
+from asyncapp.engines.gevent import ClientLeft
+from asyncapp.errors import HandshakeError, UsageError
 from asyncapp.protocol import nonblocking
 
 __all__ = ["Driver", "StepDriver", "coroutine", "pin_thread", "thread_pinned", "unpin_thread"]
@@ -76,10 +77,12 @@ class StepDriver:
     an :class:`~asyncapp.app.ops.Op`; ``StopIteration`` ends the body.
     """
 
-    __slots__ = ("_step",)
+    __slots__ = ("_start_response", "_step")
 
-    def __init__(self) -> None:
+    def __init__(self, start_response: StartResponse | None = None) -> None:
         self._step: Generator[bytes, None, Any] | None = None
+        #: For a refused WebSocket handshake the app did not catch.
+        self._start_response = start_response
 
     @property
     def _name(self) -> str:
@@ -101,10 +104,30 @@ class StepDriver:
             except Exception as error:
                 exc = error
             self._step = None
-        out = self._advance(send, exc)
-        if out.__class__ is bytes:
-            return out
-        return self._carry_out(out)
+        try:
+            out = self._advance(send, exc)
+            if out.__class__ is bytes:
+                return out
+            return self._carry_out(out)
+        except HandshakeError as refusal:
+            return self._refuse(refusal)
+
+    def _refuse(self, refusal: HandshakeError) -> bytes:
+        """The app let a refused WebSocket handshake through: send its answer.
+
+        The app has ended (the error came out of it), so this one body
+        string is all that follows.
+        """
+        start_response, self._start_response = self._start_response, None
+        if start_response is None:
+            raise refusal
+        self._step = None
+        # With exc_info: allowed before the head is sent, whatever the app
+        # started; after it, the server raises the error again.
+        start_response(
+            refusal.status, list(refusal.headers), (type(refusal), refusal, refusal.__traceback__)
+        )
+        return refusal.body
 
     def _carry_out(self, out: Any) -> bytes:
         """Return body bytes, or start operations until one suspends (its ``b""``)."""
@@ -122,6 +145,12 @@ class StepDriver:
                 token = step.send(None)
             except StopIteration as stop:
                 send, exc = stop.value, None
+            except ClientLeft:
+                # A wait on gevent's hub saw the client leave (it never yields,
+                # so it ends here): close the app at its wait, as a host's
+                # close() would, and tell the server, not the app.
+                self.close()
+                raise
             except Exception as error:
                 send, exc = None, error
             else:
@@ -148,8 +177,14 @@ class Driver(StepDriver):
 
     __slots__ = ("_agen", "_aw", "_gen")
 
-    def __init__(self, app: AppGenerator | AppAsyncGenerator, is_async: bool | None = None) -> None:
+    def __init__(
+        self,
+        app: AppGenerator | AppAsyncGenerator,
+        is_async: bool | None = None,
+        start_response: StartResponse | None = None,
+    ) -> None:
         self._step = None
+        self._start_response = start_response
         self._aw: Any = None  # the in-flight asend() of an async generator
         if inspect.isasyncgen(app) if is_async is None else is_async:
             self._agen: AppAsyncGenerator | None = app  # type: ignore[assignment]
@@ -168,10 +203,13 @@ class Driver(StepDriver):
         # The commonest step: no operation in flight, so the app is resumed
         # straight away (for a generator, one Python frame rather than three).
         gen = self._gen
-        out = gen.send(None) if gen is not None else self._advance(None, None)
-        if out.__class__ is bytes:
-            return out
-        return self._carry_out(out)
+        try:
+            out = gen.send(None) if gen is not None else self._advance(None, None)
+            if out.__class__ is bytes:
+                return out
+            return self._carry_out(out)
+        except HandshakeError as refusal:
+            return self._refuse(refusal)
 
     def _advance(self, send: Any, exc: BaseException | None) -> Any:
         gen = self._gen
@@ -239,7 +277,7 @@ class Driver(StepDriver):
 
 
 def coroutine(func: Callable[..., Any]) -> WSGIApp:
-    """Turn a generator or async generator function into a WSGI app.
+    """Turn a generator, async generator or ``async def`` function into a WSGI app.
 
     The function has the WSGI signature. ``bytes`` it yields are body chunks;
     waits are ``yield from asyncapp.op(...)`` in a generator and
@@ -263,21 +301,45 @@ def coroutine(func: Callable[..., Any]) -> WSGIApp:
             while chunk := await asyncapp.read(environ, 65536):
                 yield chunk
 
+    An ``async def`` that never yields has no body: that suits an app that
+    accepts a WebSocket (:mod:`asyncapp.websocket`), whose response is the
+    server's ``101``; its return value is ignored.
+
+    .. code-block:: python
+
+        @asyncapp.coroutine
+        async def echo(environ, start_response):
+            ws = await asyncapp.websocket.accept(environ)
+            while (message := await ws.receive()) is not None:
+                await ws.send(message)
+
+    A :class:`~asyncapp.websocket.HandshakeError` the app lets through
+    (a request that is not a valid WebSocket handshake) is answered with
+    the 400 or 426 it carries.
+
     Works on methods too: the first arguments are passed through.
     """
-    if not (inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func)):
+    if not (
+        inspect.isgeneratorfunction(func)
+        or inspect.isasyncgenfunction(func)
+        or inspect.iscoroutinefunction(func)
+    ):
         raise UsageError(
-            f"@asyncapp.coroutine needs a generator function (a def that yields) "
-            f"or an async generator function (an async def that yields); "
-            f"{getattr(func, '__qualname__', func)!r} is neither. Yield the body "
-            "chunks, e.g. 'yield b\"hello\"'"
+            f"@asyncapp.coroutine needs a generator function (a def that yields), "
+            f"an async generator function (an async def that yields) or an async "
+            f"def; {getattr(func, '__qualname__', func)!r} is none of them. Yield "
+            "the body chunks, e.g. 'yield b\"hello\"'"
         )
 
-    is_async = inspect.isasyncgenfunction(func)  # decided once, not per request
+    # Decided once, not per request. A coroutine (an async def without
+    # yield) is driven as a generator is: send() runs it to its next await,
+    # and it can yield nothing but the operations it awaits.
+    is_async = inspect.isasyncgenfunction(func)
 
     @functools.wraps(func)
     def wsgi_app(*args: Any) -> Driver:
-        return Driver(func(*args), is_async)
+        # args[-1] is start_response (methods get self first).
+        return Driver(func(*args), is_async, args[-1] if args else None)
 
     # Calling it only makes a Driver: hosts may call it on their event loop.
     return nonblocking(wsgi_app)

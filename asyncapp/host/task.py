@@ -17,7 +17,7 @@ import functools
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from asyncapp.app.coroutine import StepDriver, thread_pinned, unpin_thread
 from asyncapp.errors import ClientGone, UsageError
@@ -39,6 +39,8 @@ from asyncapp.protocol import (
 __all__ = ["AppTask", "close_app"]
 
 log = logging.getLogger("asyncapp.host")
+
+_T = TypeVar("_T")
 
 
 def close_app(result: Any, error: BaseException | None) -> BaseException | None:
@@ -199,6 +201,7 @@ class AppTask:
         "reader",
         "result",
         "threaded",
+        "ws",
     )
 
     def __init__(
@@ -235,6 +238,9 @@ class AppTask:
         self._thread: _ThreadSide | None = None
         #: A wait the app asked for on a pool thread, armed on the loop.
         self._deferred: tuple[Any, int | None, bool, float | None] | None = None
+        #: The host's WebSocket handle, once the app accepted one: a wait
+        #: on it is woken by the handle (``ready_now``, ``wait_ready``).
+        self.ws: Any = None
         extensions = tuple(extensions)
         if "async" in extensions:
             environ[ASYNC_VERSION] = VERSION
@@ -268,16 +274,20 @@ class AppTask:
         return self.reader if wsgi_input is self.own_input and self.reader is not None else None
 
     def readable(self, fd: Any, timeout: float | None = None) -> WaitHandle:
+        """``x-wsgiorg.async.readable``: arm a wait the app's next ``b""`` suspends on."""
         return self._wait(fd, False, timeout)
 
     def writable(self, fd: Any, timeout: float | None = None) -> WaitHandle:
+        """``x-wsgiorg.async.writable``: as :meth:`readable`, for writability."""
         return self._wait(fd, True, timeout)
 
     def fdevent_readable(self, fd: Any, timeout: float | None = None) -> bytes:
+        """``x-wsgiorg.fdevent.readable``: arm a wait; returns the ``b""`` to yield."""
         self._fdevent(fd, False, timeout)
         return b""
 
     def fdevent_writable(self, fd: Any, timeout: float | None = None) -> bytes:
+        """``x-wsgiorg.fdevent.writable``: as :meth:`fdevent_readable`."""
         self._fdevent(fd, True, timeout)
         return b""
 
@@ -307,7 +317,7 @@ class AppTask:
         if fd is None and timeout is None:
             raise UsageError("a wait needs a fd, a timeout, or both")
         fileno: int | None = None
-        if fd is not None and not (fd is self.reader and self.reader is not None):
+        if fd is not None and fd is not self.reader and fd is not self.ws:
             # Before any state changes: a closed file raises here, cleanly.
             fileno = fd if isinstance(fd, int) else fd.fileno()
         handle = WaitHandle(self._cancel)
@@ -325,6 +335,15 @@ class AppTask:
         if timeout is not None:
             self._timer = self.loop.call_later(max(0.0, timeout), self._on_timeout)
         if fd is None:
+            return
+        ws = self.ws
+        if fd is ws and ws is not None:
+            # No fd: the handle knows when a message (or the close) is
+            # there, and when its output is under the high-water mark.
+            if ws.ready_now(write):
+                self.loop.call_soon(lambda: self._decide("ready", None))
+            else:
+                self._watch = ws.wait_ready(self._on_ready, write)
             return
         reader = self.reader
         if fd is reader and reader is not None:
@@ -389,8 +408,14 @@ class AppTask:
             self._timer.cancel()
             self._timer = None
 
+    def pending_wait(self) -> bool:
+        """Whether the app is suspended on a wait that is not decided yet."""
+        handle = self._handle
+        return not self.done and handle is not None and handle.status == "pending"
+
     # -- running the app --------------------------------------------------
     def start(self, iterable: Iterable[bytes]) -> None:
+        """Begin iterating the app's result on the loop's next pass."""
         self.result = iterable
         self.iterable = iter(iterable)
         self.loop.call_soon(self.step)
@@ -516,6 +541,31 @@ class AppTask:
             error = failure
         error = close_app(result, error)  # here, on its own thread
         to_loop(functools.partial(self._thread_ended, error))
+
+    def off_loop(self) -> bool:
+        """Whether the caller is the pool thread running this app, not the loop."""
+        return self.threaded and threading.get_ident() != self.loop.owner
+
+    def run_on_loop(self, call: Callable[[], _T]) -> _T:
+        """``call()`` on the loop; from the app's pool thread, through it.
+
+        For host objects the app calls that touch the connection (a
+        WebSocket handle): on the loop it is a plain call; the pool thread
+        waits until the loop has made it, and gets its result or exception.
+        """
+        thread = self._thread
+        if thread is None or not self.off_loop():
+            return call()
+
+        def on_loop() -> None:
+            assert thread is not None
+            try:
+                reply: object = call()
+            except BaseException as error:
+                reply = error
+            thread.wake(reply)
+
+        return thread.wait_for(on_loop)  # type: ignore[return-value]
 
     def _adopt(self, iterator: Iterator[bytes] | None) -> None:
         """On the loop: take over an app that uses the extensions from its thread."""

@@ -105,6 +105,31 @@ class Config:
     #: the collector as it is (for an embedding process that tunes it).
     gc_threshold: int | None = 10_000
 
+    # -- WebSockets (docs/protocol.md 3.8) --------------------------------------------
+    #: Largest WebSocket message the server takes, in bytes after
+    #: decompression: 1 MiB, the websockets library's ``max_size`` (uvicorn's
+    #: ``--ws-max-size`` is 16 MiB). A larger one closes the connection with
+    #: 1009; it is counted as it arrives, so no more than this is ever held
+    #: for one message, however it is fragmented or compressed.
+    ws_max_message_size: int = 1 << 20
+    #: Seconds between the server's pings: 20 s, as uvicorn and websockets.
+    #: Proxies and NAT boxes drop connections idle for 30 to 60 s, and a peer
+    #: that vanished without a FIN is found out only by sending to it.
+    #: ``None`` (or 0) sends none.
+    ws_ping_interval: float | None = 20.0
+    #: Seconds a pong may take before the connection is closed with 1011:
+    #: 20 s, as uvicorn and websockets. ``None`` (or 0) waits for none.
+    ws_ping_timeout: float | None = 20.0
+    #: Seconds the closing handshake may take, and then the peer's closing of
+    #: its end: 10 s, the websockets library's ``close_timeout``. A peer that
+    #: never answers a close frame holds its connection no longer than this.
+    ws_close_timeout: float = 10.0
+    #: Agree on ``permessage-deflate`` (RFC 7692) when the client offers it,
+    #: as uvicorn and websockets do. Each message is compressed on its own
+    #: (no context takeover), so an idle connection holds no zlib state; an
+    #: incoming message is inflated no further than ``ws_max_message_size``.
+    ws_per_message_deflate: bool = True
+
     def replace(self, **changes: Any) -> Config:
         """A copy with ``changes`` applied; unknown names raise TypeError."""
         known = {f.name for f in fields(self)}

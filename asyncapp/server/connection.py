@@ -5,7 +5,10 @@ A :class:`Connection` feeds received bytes to the sans-IO
 requests one at a time, in order, as :class:`~asyncapp.server.exchange.Exchange`
 objects; it owns the socket's reads, writes, deadlines and output
 backpressure (the app is not resumed while more than
-``write_buffer_high`` bytes wait for the client).
+``write_buffer_high`` bytes wait for the client). After an app accepted a
+WebSocket (:meth:`Connection.start_websocket`) every read goes to its
+:class:`~asyncapp.server.websocket.ServerWebSocket`, and HTTP's keep-alive,
+pipelining and deadlines are done with.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from asyncapp.server.http11 import (
 
 if TYPE_CHECKING:
     from asyncapp.server.run import Server
+    from asyncapp.server.websocket import ServerWebSocket
 
 __all__ = ["Connection"]
 
@@ -60,6 +64,7 @@ class Connection:
         "server",
         "sock",
         "writing",
+        "ws",
     )
 
     def __init__(self, server: Server, sock: socket.socket, peer: Any) -> None:
@@ -83,6 +88,8 @@ class Connection:
         self._processing = False
         #: A malformed request after complete ones: answered once they are.
         self.pending_error: ProtocolError | None = None
+        #: The WebSocket this connection carries since its 101, if any.
+        self.ws: ServerWebSocket | None = None
         self.deadline: float | None = time.monotonic() + server.config.header_timeout
         self._set_reading(True)
 
@@ -90,11 +97,24 @@ class Connection:
     def _set_reading(self, on: bool) -> None:
         if on != self.reading and not self.closed:
             self.reading = on
-            self.server.loop.add_handler(self.fd, False, self.on_readable if on else None)
+            reader = self.on_readable if self.ws is None else self.on_ws_readable
+            self.server.loop.add_handler(self.fd, False, reader if on else None)
+
+    def update_reading(self) -> None:
+        """Read, or stop reading, as the connection's state now asks."""
+        self._set_reading(self._want_reading())
 
     def _want_reading(self) -> bool:
+        ws = self.ws
+        if ws is not None:
+            return ws.wants_data()
         if self.closing or self.pending_error is not None:
             return False
+        if (
+            self.parser.stopped
+            and len(self.parser.upgrade_tail) >= self.server.config.max_body_buffer
+        ):
+            return False  # bytes sent before a 101 that has not come: wait for it
         exchange = self.exchange
         if exchange is not None and not exchange.body_done:
             return False  # the app reads the body itself, at its own pace
@@ -117,6 +137,44 @@ class Connection:
             self.abort()  # the client left (or half-closed: nothing more to read)
             return
         self.received(data)
+
+    def on_ws_readable(self) -> None:
+        """A read in WebSocket mode: the bytes go to the WebSocket's session."""
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.abort()
+            return
+        ws = self.ws
+        if ws is None:
+            return
+        if data:
+            ws.received(data)
+        else:
+            self.close()  # the peer closed its end: after the close, or abruptly (1006)
+
+    def start_websocket(self, ws: ServerWebSocket) -> None:
+        """The app accepted a WebSocket and its 101 is queued: switch to it.
+
+        From here on the connection serves no more HTTP: reads go to ``ws``,
+        its deadline sweep runs the WebSocket's timers, and it closes when
+        the WebSocket is done with it.
+        """
+        self.ws = ws
+        self.deadline = None
+        parser = self.parser
+        tail = parser.upgrade_tail
+        parser.release()
+        if tail:
+            # Bytes a client sent before the 101 (it should not): now, before
+            # any later read, so that they keep their order. This only
+            # queues messages and answers; the app hears of them when it asks.
+            ws.received(tail)
+        if self.reading and not self.closed:  # the same registration, the WebSocket's reader
+            self.server.loop.add_handler(self.fd, False, self.on_ws_readable)
+        self.update_reading()
 
     def recv_for_body(self) -> bytes | None:
         """The one ``recv`` of a body read; None if nothing is there yet."""
@@ -246,8 +304,8 @@ class Connection:
         if self.exchange is not exchange:
             return
         self.exchange = None
-        if self.closed:
-            return
+        if self.closed or self.ws is not None:
+            return  # a WebSocket's connection closes when the WebSocket is done
         if not exchange.body_done:
             # Unread body: discard it on the way to the next request, as
             # long as there is little of it; otherwise close.
@@ -378,6 +436,10 @@ class Connection:
         done(offset)
 
     def _resume_app(self) -> None:
+        ws = self.ws
+        if ws is not None:
+            ws.output_drained()
+            return
         exchange = self.exchange
         if exchange is not None:
             exchange.resume_output()
@@ -393,6 +455,10 @@ class Connection:
 
     def lost(self) -> None:
         """The peer is gone (reset, EOF while reading the body)."""
+        if self.ws is not None:
+            # The WebSocket tells its app (never from under its running frame).
+            self.abort()
+            return
         exchange = self.exchange
         if exchange is not None and not exchange.done:
             # Also called from inside the app's own read or write(): close
@@ -416,7 +482,11 @@ class Connection:
         with contextlib.suppress(OSError):
             self.sock.close()
         self.server.connection_closed(self)
-        if exchange is not None and not exchange.done:
+        ws = self.ws
+        if ws is not None:
+            self.ws = None  # no cycle: the app's handle keeps this connection, not back
+            ws.transport_closed()  # tells the app, or closes it
+        elif exchange is not None and not exchange.done:
             exchange.close()  # the app iterable is closed promptly
 
     def check_deadline(self, now: float) -> None:
@@ -432,6 +502,11 @@ class Connection:
             )
             self.file_job = None
             self.lost()  # closes the app behind it, too
+            return
+        ws = self.ws
+        if ws is not None:
+            if not self.closed:
+                ws.check_deadline(now)
             return
         deadline = self.deadline
         if deadline is None or now < deadline or self.closed:

@@ -34,17 +34,23 @@ from asyncapp.errors import ClientGone, UsageError
 from asyncapp.host.body import InputStream
 from asyncapp.host.filewrapper import FileWrapper
 from asyncapp.host.task import AppTask
+from asyncapp.protocol import ASYNC_WEBSOCKET
 from asyncapp.server.http11 import (
     END,
+    HOP_BY_HOP,
     AppHeaders,
     ProtocolError,
     RequestHead,
     ResponseError,
+    check_header,
     check_status,
     chunk,
     prepare_headers,
     response_head,
 )
+from asyncapp.server.websocket import ServerWebSocket
+from asyncapp.websocket import handshake
+from asyncapp.websocket.session import Limits, Session
 
 if TYPE_CHECKING:
     from asyncapp.server.connection import Connection
@@ -170,6 +176,39 @@ class BodyReader:
         return exchange.body_done or exchange.conn.closed or exchange.has_body_event()
 
 
+#: What the app may not set in a 101: the server's own fields, and what
+#: would make it something else than a switch to a WebSocket.
+_WS_RESERVED: Final = frozenset(
+    {
+        *HOP_BY_HOP,
+        "content-length",
+        "content-type",
+        "sec-websocket-accept",
+        "sec-websocket-protocol",
+        "sec-websocket-extensions",
+        "date",
+        "server",
+    }
+)
+
+
+def _websocket_headers(headers: Iterable[tuple[str, str]]) -> str:
+    """An app's extra fields for a 101 (a Set-Cookie, say), checked and serialised."""
+    lines = []
+    for item in headers:
+        if not (isinstance(item, tuple) and len(item) == 2):
+            raise UsageError(f"header {item!r} is not a (name, value) tuple")
+        name, value = item
+        try:
+            check_header(name, value)
+        except ResponseError as error:
+            raise UsageError(str(error)) from None
+        if name.lower() in _WS_RESERVED:
+            raise UsageError(f"the server sets {name} in a 101 itself")
+        lines.append(f"{name}: {value}\r\n")
+    return "".join(lines)
+
+
 def _read_blocking(reader: BodyReader, size: int, timeout: float) -> bytes:
     """One read of the body for a plain app running on the loop (``threads=0``).
 
@@ -234,6 +273,10 @@ class Exchange(AppTask):
         reader = BodyReader(self)
         environ = self._environ(reader)
         super().__init__(conn.server.loop, environ, own_input=environ["wsgi.input"], reader=reader)
+        if head.upgrade:
+            # Offered where a WebSocket can be asked for (the head asks for
+            # an upgrade); it checks the handshake itself (docs/protocol.md 3.8).
+            environ[ASYNC_WEBSOCKET] = self.accept_websocket
 
     # -- the request side ------------------------------------------------
     def _environ(self, reader: BodyReader) -> dict[str, Any]:
@@ -336,6 +379,76 @@ class Exchange(AppTask):
             self.continue_sent = True
             self.conn.write(_CONTINUE)
 
+    # -- WebSockets (docs/protocol.md 3.8) ------------------------------------
+    def accept_websocket(
+        self, subprotocol: str | None = None, headers: Iterable[tuple[str, str]] = ()
+    ) -> ServerWebSocket:
+        """``x-wsgiorg.async.websocket``: answer with a 101 and switch the connection."""
+        return self.run_on_loop(functools.partial(self._accept_websocket, subprotocol, headers))
+
+    def _accept_websocket(
+        self, subprotocol: str | None, headers: Iterable[tuple[str, str]]
+    ) -> ServerWebSocket:
+        if self.ws is not None:
+            raise UsageError("the WebSocket was accepted already: accept it once per request")
+        if self.status is not None or self.headers_sent:
+            raise UsageError(
+                "start_response() was called before the WebSocket was accepted; an app "
+                "that accepts sends no response of its own (the server answers with 101)"
+            )
+        conn = self.conn
+        if conn.closed or self.done:
+            raise ClientGone("the client closed the connection before the WebSocket was accepted")
+        request = handshake.check_request(self.environ)
+        if subprotocol is not None and subprotocol not in request.subprotocols:
+            raise UsageError(
+                f"the client did not offer subprotocol {subprotocol!r} "
+                f"(it offered {list(request.subprotocols)})"
+            )
+        extra = _websocket_headers(headers)
+        config = conn.server.config
+        deflate = None
+        if config.ws_per_message_deflate and request.extensions:
+            deflate = handshake.negotiate_deflate(request.extensions)
+        lines = ["HTTP/1.1 101 Switching Protocols\r\n"]
+        for name, value in handshake.response_headers(
+            request, subprotocol, deflate.response if deflate else None
+        ):
+            lines.append(f"{name}: {value}\r\n")
+        lines.append(extra)
+        clock = conn.server.clock
+        clock.tick()
+        lines.append(clock.trailer)
+        limits = Limits(
+            max_message_size=config.ws_max_message_size,
+            ping_interval=config.ws_ping_interval or None,
+            ping_timeout=config.ws_ping_timeout or None,
+            close_timeout=config.ws_close_timeout,
+        )
+        self.status_code = 101
+        self.headers_sent = True
+        self.keep_alive = False
+        conn.write("".join(lines).encode("latin-1"))
+        if conn.closed:  # the write failed: the client is gone
+            raise ClientGone("the client closed the connection during the WebSocket handshake")
+        ws = ServerWebSocket(conn, self, Session(limits, deflate), subprotocol)
+        self.ws = ws
+        conn.start_websocket(ws)
+        return ws
+
+    def _websocket_misuse(self, what: str) -> ResponseError:
+        """Something tried to send HTTP on a WebSocket: fail it with 1011, say why."""
+        error = ResponseError(
+            f"{what} after the app accepted a WebSocket; middleware that does not know "
+            "x-wsgiorg.async.websocket must not add a response to it (WebSocket closed "
+            "with 1011)"
+        )
+        log.error("%s %s: %s", self.head.method, self.head.target.decode("latin-1"), error.args[0])
+        ws = self.ws
+        if ws is not None:
+            self.run_on_loop(functools.partial(ws.fail, 1011, "internal error"))
+        return error
+
     # -- running the app ---------------------------------------------------
     def run(self, app: WSGIApp) -> None:
         server = self.conn.server
@@ -390,6 +503,8 @@ class Exchange(AppTask):
     def start_response(
         self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
     ) -> Callable[[bytes], None]:
+        if self.ws is not None:
+            raise self._websocket_misuse("start_response() was called")
         if exc_info is not None:
             try:
                 if self.headers_sent:
@@ -406,6 +521,8 @@ class Exchange(AppTask):
 
     def write(self, data: bytes) -> None:
         """The legacy ``write()`` callable of PEP 3333."""
+        if self.ws is not None:
+            raise self._websocket_misuse("write() was called")
         if self.status is None:
             raise ResponseError("write() called before start_response()")
         thread = self._thread
@@ -556,6 +673,13 @@ class Exchange(AppTask):
 
     def send_body(self, data: bytes, whole: bool = False) -> bool:
         """Queue a body chunk; False asks the task to pause (output full)."""
+        if self.ws is not None:
+            raise ResponseError(
+                f"the app's iterable gave {len(data)} bytes of body after the app "
+                "accepted a WebSocket; after accept it may only yield b'' (waits). "
+                "Middleware that does not know x-wsgiorg.async.websocket must not add "
+                "a body to it (WebSocket closed with 1011)"
+            )
         if data.__class__ is not bytes:
             if not isinstance(data, bytes):
                 raise ResponseError(f"the app yielded {type(data).__name__}, not bytes")
@@ -571,6 +695,10 @@ class Exchange(AppTask):
     def app_done(self, error: BaseException | None) -> None:
         conn = self.conn
         self.done = True
+        ws = self.ws
+        if ws is not None:
+            self._websocket_done(ws, error)
+            return
         if conn.closed:
             conn.exchange_finished(self)
             return
@@ -620,6 +748,24 @@ class Exchange(AppTask):
             conn.close_after_flush()
         conn.exchange_finished(self)
 
+    def _websocket_done(self, ws: ServerWebSocket, error: BaseException | None) -> None:
+        """A WebSocket app ended: close the WebSocket (1000, or 1011 if it failed)."""
+        code, reason = 1000, ""
+        if isinstance(error, ClientGone):
+            # It sent on a closed WebSocket and did not catch it: the peer left.
+            log.debug("WebSocket app for %s ended: %s", self.head.target, error)
+        elif error is not None:
+            code, reason = 1011, "internal error"
+            log.error(
+                "Error in WebSocket app for %s %s\n%s",
+                self.head.method,
+                self.head.target.decode("latin-1"),
+                "".join(traceback.format_exception(error)),
+            )
+        ws.app_finished(code, reason)
+        self.log_access()  # one line per WebSocket, status 101, when its app ends
+        self.conn.exchange_finished(self)
+
     def detach(self) -> None:
         """Drop the references that make a finished request a cycle.
 
@@ -629,7 +775,7 @@ class Exchange(AppTask):
         thousand held long polls a full collection takes a fifth of a second.
         """
         self.environ = None  # type: ignore[assignment]
-        self.own_input = self.reader = self.result = self.iterable = None
+        self.own_input = self.reader = self.result = self.iterable = self.ws = None
 
     # The AppTask hooks: body chunks and the end of the app.
     deliver = send_body

@@ -233,7 +233,9 @@ class RequestParser:
     body (de-chunked), then :data:`END`; then the next pipelined request.
     :meth:`feed` raises :class:`ProtocolError`; after that the connection is
     unusable. An upgrade (``Upgrade:`` header or CONNECT) stops parsing:
-    :attr:`stopped` is set and the request is served without switching.
+    :attr:`stopped` is set, the request is served, and what follows its
+    head is kept in :attr:`upgrade_tail`, for an app that switches to a
+    WebSocket.
     """
 
     def __init__(self, config: Config) -> None:
@@ -242,6 +244,8 @@ class RequestParser:
         # empty deque keeps a 64-slot block (0.7 KB per held connection).
         self.events: list[Event] = []
         self.stopped = False
+        #: Bytes received after an upgrade request's head (see :meth:`feed`).
+        self.upgrade_tail = b""
         self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self._mid_message = False
         self._head: RequestHead | None = None
@@ -271,7 +275,15 @@ class RequestParser:
     # -- the one entry point ------------------------------------------------
     def feed(self, data: bytes) -> None:
         if self.stopped:
-            return  # bytes after an upgrade request are not HTTP we parse
+            # Bytes after a request that ends the connection are not HTTP we
+            # parse. After an upgrade request they may be the new protocol's
+            # (a client that did not wait for the 101): kept, boundedly, for
+            # whoever takes the connection over (the connection stops
+            # reading once this much is held).
+            head = self._head
+            if head is not None and head.upgrade:
+                self.upgrade_tail += data
+            return
         if self._in_head:
             # llhttp buffers a field until it is complete, so cap what can
             # pile up before the head ends (overshoot: at most one recv).
@@ -325,6 +337,9 @@ class RequestParser:
         self._whole = True
         try:
             parser.feed_data(data if pos == 0 else memoryview(data)[pos:])
+        except httptools.HttpParserUpgrade as upgrade:
+            self._keep_tail(data, pos, upgrade)
+            raise
         except httptools.HttpParserCallbackError as error:
             if not isinstance(error.__context__, _Rewind):
                 raise
@@ -370,7 +385,13 @@ class RequestParser:
                 else:
                     self._tail = b""
                 # A head completed here sets _chunked or _left (on_headers_complete).
-                parser.feed_data(data if pos == 0 and stop == end else memoryview(data)[pos:stop])
+                try:
+                    parser.feed_data(
+                        data if pos == 0 and stop == end else memoryview(data)[pos:stop]
+                    )
+                except httptools.HttpParserUpgrade as upgrade:
+                    self._keep_tail(data, pos, upgrade)
+                    raise
                 pos = stop
             else:
                 fresh = self._feed_whole(parser, data, pos)
@@ -378,6 +399,11 @@ class RequestParser:
                     break
                 parser = fresh
                 careful = True
+
+    def _keep_tail(self, data: bytes, pos: int, upgrade: httptools.HttpParserUpgrade) -> None:
+        """What follows an upgrade request's head in ``data`` (fed from ``pos``)."""
+        offset = upgrade.args[0] if upgrade.args else 0
+        self.upgrade_tail = data[pos + offset :]
 
     def _head_end(self, data: bytes, pos: int) -> int:
         """Just past the first CRLF CRLF from ``pos`` (the held tail counted), or -1."""
@@ -487,6 +513,12 @@ class RequestParser:
         """
         if not self._mid_message and not self.stopped:
             self._parser = None
+
+    def release(self) -> None:
+        """Drop llhttp's state for good: the connection speaks another protocol now."""
+        self._parser = None
+        self._head = None
+        self.upgrade_tail = b""
 
     # -- httptools callbacks ----------------------------------------------
     def on_message_begin(self) -> None:

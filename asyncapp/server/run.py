@@ -264,14 +264,19 @@ class Server:
             sock.close()
         deadline = time.monotonic() + self.config.shutdown_grace
         for conn in list(self.connections):
-            if conn.exchange is None and not conn.parser.events:
+            if conn.ws is not None:
+                # A WebSocket would stay open for the whole grace: close it
+                # (1001, going away); its app sees the end and returns, and
+                # the connection closes after the closing handshake.
+                conn.ws.going_away()
+            elif conn.exchange is None and not conn.parser.events:
                 conn.close_after_flush()  # idle: close now
             elif conn.exchange is not None:
                 conn.exchange.keep_alive = False
         while self.connections and time.monotonic() < deadline:
             self.loop.run_once(min(0.1, max(0.0, deadline - time.monotonic())))
             for conn in list(self.connections):
-                if conn.exchange is None and not conn.out:
+                if conn.exchange is None and not conn.out and conn.ws is None:
                     conn.close()
         for conn in list(self.connections):
             conn.abort()
