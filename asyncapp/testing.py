@@ -60,6 +60,7 @@ class SocketReader:
         self.recv_calls = 0
 
     def read(self, size: int) -> bytes:
+        """One ``recv``: at most ``size`` bytes, ``b""`` at the end of the body."""
         if self.eof:
             return b""
         if self.remaining is not None:
@@ -75,6 +76,7 @@ class SocketReader:
         return data
 
     def fileno(self) -> int:
+        """The socket's fd, which the host watches for readability."""
         return self.sock.fileno()
 
     def ready_now(self) -> bool:
@@ -185,9 +187,11 @@ class Call:
 
     @property
     def body(self) -> bytes:
+        """The response body received so far."""
         return b"".join(self.chunks)
 
     def header(self, name: str) -> str | None:
+        """The first response header called ``name`` (any case), or ``None``."""
         for key, value in self.headers:
             if key.lower() == name.lower():
                 return value
@@ -350,6 +354,7 @@ class Host:
         return call
 
     def close(self) -> None:
+        """Disconnect every call still running, then close the loop."""
         for call in self.calls:
             if not call.done:
                 call.disconnect()

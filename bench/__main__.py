@@ -8,7 +8,8 @@ server on 127.0.0.1, on a free port, server pinned to CPU 0 and load
 generator to CPU 1 (when there are two), and kills every process it started
 when a server is done with (also on errors and Ctrl-C). Prints Markdown
 tables with ratios against the peers measured in the same run, marks the
-targets met or missed, and writes the report to ``bench/results/``.
+targets met or missed, and writes the report to ``bench/results/``, with the
+raw figures as JSON and SVG bar charts of them (:mod:`bench.charts`).
 
 Scenarios (``--only`` takes these names, comma-separated):
 
@@ -27,6 +28,12 @@ Scenarios (``--only`` takes these names, comma-separated):
   uvicorn's native ASGI app and a2wsgi on the same uvicorn, and through
   ``gunicorn -k asyncapp.gunicorn.Worker`` against the bundled server alone
   and ``gunicorn -k gevent``.
+* ``redis`` (issue 11): the held long polls and the broadcast on
+  ``gunicorn -k asyncapp.gunicorn.Worker -w 4`` sharing one
+  :class:`asyncapp.redis.RedisChannel`, against the bundled server with the
+  in-process ``Channel``, and the Redis round trips each publish costs. It
+  starts its own ``redis-server`` (Debian's, on a free loopback port, no
+  persistence) and stops it.
 
 ``--quick`` uses small counts (about 4 minutes in all); see
 ``docs/benchmarks.md`` for what the numbers mean.
@@ -56,6 +63,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import charts
 from bench.procstat import cpu_seconds, raise_fd_limit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,7 +92,7 @@ PEER_DISTRIBUTIONS = [
 ]  # fmt: skip
 #: What the project's .venv runs the engines with (to_asgi, the gunicorn worker).
 ENGINE_DISTRIBUTIONS = ["uvicorn", "httptools", "uvloop", "gunicorn", "a2wsgi"]
-SCENARIOS = ["hello", "longpoll", "upload", "suspend", "blocking", "engines"]
+SCENARIOS = ["hello", "longpoll", "upload", "suspend", "blocking", "engines", "redis"]
 STYLES = ["plain", "gen", "async", "green"]
 
 
@@ -113,7 +121,7 @@ class Settings:
             )  # fmt: skip
             s.budgets = {
                 "hello": 90, "longpoll": 120, "upload": 60, "suspend": 30, "blocking": 90,
-                "engines": 420,
+                "engines": 420, "redis": 240,
             }  # fmt: skip
         else:
             s = cls(
@@ -123,7 +131,7 @@ class Settings:
             )  # fmt: skip
             s.budgets = {
                 "hello": 900, "longpoll": 1200, "upload": 600, "suspend": 120, "blocking": 300,
-                "engines": 2100,
+                "engines": 2100, "redis": 1500,
             }  # fmt: skip
         if runs is not None:
             s.runs = runs
@@ -336,7 +344,7 @@ def _uvloop(module: str, style: str = "") -> Callable[[str, int], list[str]]:
     return command
 
 
-def _gunicorn_cmd(python: str, target: str, port: int, *worker: str) -> list[str]:
+def _gunicorn_cmd(python: str, target: str, port: int, *worker: str, workers: int = 1) -> list[str]:
     return [
         python,
         "-m",
@@ -344,7 +352,7 @@ def _gunicorn_cmd(python: str, target: str, port: int, *worker: str) -> list[str
         target,
         *worker,
         "--workers",
-        "1",
+        str(workers),
         "--bind",
         f"127.0.0.1:{port}",
         "--backlog",
@@ -795,24 +803,27 @@ def bench_longpoll(
                 failures[server.name] = f"run {run + 1}: {result['error']}"
                 continue
             results.setdefault(server.name, []).append(result)
-    summary = {}
-    for name, runs in results.items():
-        summary[name] = {
-            key: median([r[key] for r in runs])
-            for key in ("kb_per_conn", "rss_before_kb", "rss_held_kb", "hold_s")
-        }
-        # Every broadcast of every run counts: the machine's noise is per round.
-        fanouts = [x["fanout_ms"] for r in runs for x in r["rounds"]]
-        summary[name] |= {
-            "fanout_ms": median(fanouts),
-            "fanout_min": min(fanouts),
-            "fanout_max": max(fanouts),
-            "median_ms": median([x["median_ms"] for r in runs for x in r["rounds"]]),
-            "runs": len(runs),
-            "rounds": len(fanouts),
-            "n": runs[0]["n"],
-        }
+    summary = {name: _longpoll_summary(runs) for name, runs in results.items()}
     return {"summary": summary, "failures": failures, "raw": results, "n": s.longpoll_n}
+
+
+def _longpoll_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One server's long-poll figures over its runs (``bench/longpoll_client.py``'s JSON)."""
+    summary = {
+        key: median([r[key] for r in runs])
+        for key in ("kb_per_conn", "rss_before_kb", "rss_held_kb", "hold_s")
+    }
+    # Every broadcast of every run counts: the machine's noise is per round.
+    fanouts = [x["fanout_ms"] for r in runs for x in r["rounds"]]
+    return summary | {
+        "fanout_ms": median(fanouts),
+        "fanout_min": min(fanouts),
+        "fanout_max": max(fanouts),
+        "median_ms": median([x["median_ms"] for r in runs for x in r["rounds"]]),
+        "runs": len(runs),
+        "rounds": len(fanouts),
+        "n": runs[0]["n"],
+    }
 
 
 def report_longpoll(s: Settings, data: dict[str, Any]) -> tuple[str, list[list[str]]]:
@@ -1287,6 +1298,327 @@ def report_engines(s: Settings, data: dict[str, Any]) -> tuple[str, list[list[st
     return text, targets
 
 
+# -- scenario 8: one channel over gunicorn workers, through Redis (issue 11) --------
+#: Debian's package, as the tests use it (.ci/run installs it).
+REDIS_SERVER = "/usr/bin/redis-server"
+REDIS_WORKERS = 4
+#: Issue 11's targets: the broadcast over the workers sharing a RedisChannel
+#: <= 1.5x the single-process Channel's time; round trips O(1) per process,
+#: that is at most the publisher's publish and each process's one read.
+REDIS_FANOUT = 1.5
+REDIS_TRIPS_PER_PROCESS = 2
+R_CHANNEL = "asyncapp-channel"
+R_REDIS = "asyncapp-redis"
+R_WORKERS = f"gunicorn-{REDIS_WORKERS}w+asyncapp-redis"
+REDIS_APP = "bench.redis_apps:longpoll_gen"
+
+
+@dataclass(frozen=True)
+class RedisRow:
+    """A server of the redis scenario: ``bench/redis_apps.py`` in ``processes``."""
+
+    name: str
+    processes: int
+    redis: bool
+
+    def command(self, port: int, env: dict[str, str]) -> list[str]:
+        # env(1) execs the server: the pid running() reports is the server's.
+        prefix = ["/usr/bin/env", *(f"{name}={value}" for name, value in env.items())]
+        if self.processes == 1:
+            serve = ["-m", "asyncapp", "serve", REDIS_APP, "--port", str(port)]
+            return [*prefix, main_python(), *serve, "--no-access-log", "--log-level", "warning"]
+        worker = ["--worker-class", "asyncapp.gunicorn.Worker", *ENGINE_WORKER]
+        target, workers = REDIS_APP, self.processes
+        return [*prefix, *_gunicorn_cmd(main_python(), target, port, *worker, workers=workers)]
+
+
+REDIS_ROWS = [
+    RedisRow(R_CHANNEL, 1, redis=False),
+    RedisRow(R_REDIS, 1, redis=True),
+    RedisRow(R_WORKERS, REDIS_WORKERS, redis=True),
+]
+
+
+def redis_missing() -> str | None:
+    """Why the redis scenario cannot run here, or None."""
+    if not os.access(REDIS_SERVER, os.X_OK):
+        return (
+            f"{REDIS_SERVER} is missing: the redis scenario starts its own redis-server "
+            "(apt-get install -y redis-server; or --only without redis)"
+        )
+    check = subprocess.run(
+        [main_python(), "-c", "import redis"], capture_output=True, text=True, check=False
+    )
+    if check.returncode != 0:
+        return (
+            "redis-py is missing from the project's .venv: "
+            ".venv/bin/python -m pip install -e '.[redis]' (or --only without redis)"
+        )
+    return None
+
+
+@contextlib.contextmanager
+def redis_server(log_dir: Path) -> Iterator[str]:
+    """``redis-server`` on a free loopback port, no persistence, on the servers' CPU;
+    its URL. Stopped (its process group killed) on the way out."""
+    port = free_port()
+    command = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    # --logfile "": to stdout, which running() writes to the run's log directory.
+    command += ["--appendonly", "no", "--dir", str(log_dir), "--logfile", ""]
+    with running(command, port, log_dir, "redis-server"):
+        yield f"redis://127.0.0.1:{port}/0"
+
+
+def bench_redis(s: Settings, log_dir: Path, deadline: float) -> dict[str, Any]:
+    results: dict[str, list[dict[str, Any]]] = {}
+    failures: dict[str, str] = {}
+    found = re.search(r"\bv=(\S+)", _first_line([REDIS_SERVER, "--version"]))
+    version = f"Redis {found.group(1)}" if found else "Redis (version unknown)"
+    try:
+        with redis_server(log_dir) as url:
+            for run in range(s.runs):
+                for row in REDIS_ROWS:
+                    if row.name in failures:
+                        continue
+                    if time.monotonic() > deadline:
+                        failures.setdefault(row.name, "skipped: the scenario's time budget ran out")
+                        continue
+                    print(f"  redis run {run + 1}/{s.runs}: {row.name}", file=sys.stderr)
+                    result = _redis_run(s, row, run, url, log_dir)
+                    if isinstance(result, str):
+                        failures[row.name] = result
+                    else:
+                        results.setdefault(row.name, []).append(result)
+    except ServerFailed as error:
+        # Redis did not start, or died: what was measured before it stays.
+        failures["redis-server"] = f"failed: {error}"[:300]
+    summary = {}
+    for name, runs in results.items():
+        summary[name] = _longpoll_summary(runs) | {
+            "processes": next(r.processes for r in REDIS_ROWS if r.name == name),
+            "held_by_process": [r.get("held_by_process", []) for r in runs],
+        }
+        trips = [t for r in runs for t in r.get("round_trips", [])]
+        if trips:
+            summary[name]["round_trips"] = _trips_summary(trips)
+    return {
+        "summary": summary,
+        "failures": failures,
+        "raw": results,
+        "n": s.longpoll_n,
+        "redis": version,
+    }
+
+
+def _redis_run(
+    s: Settings, row: RedisRow, run: int, url: str, log_dir: Path
+) -> dict[str, Any] | str:
+    """One run of one server: the client's JSON, or why there is none."""
+    port = free_port()
+    # Each process's waiter count (bench/redis_apps.py), and a stream of the
+    # run's own: every run starts from an empty one.
+    env = {"BENCH_COUNT_DIR": tempfile.mkdtemp(prefix="counts-", dir=log_dir)}
+    extra = ["--by-process"]
+    if row.redis:
+        env |= {"REDIS_URL": url, "BENCH_REDIS_KEY": f"bench:{row.name}:{run}"}
+        extra += ["--redis-url", url, "--readers", str(row.processes)]
+    per_run = 60 + s.longpoll_n / 100
+    try:
+        with running(row.command(port, env), port, log_dir, row.name) as pid:
+            cmd = [main_python(), "-m", "bench.longpoll_client", "--port", str(port)]
+            cmd += ["--pid", str(pid), "--n", str(s.longpoll_n), "--timeout", str(per_run)]
+            cmd += ["--warmup", str(min(100, s.longpoll_n)), "--rounds", str(s.longpoll_rounds)]
+            done = run_load([*cmd, *extra], per_run + 60)
+    except (ServerFailed, subprocess.TimeoutExpired) as error:
+        return f"failed: {error}"[:300]
+    try:
+        result: dict[str, Any] = json.loads(done.stdout)
+    except ValueError:
+        return f"client failed: {done.stderr[-300:]}"
+    if "error" in result:
+        return f"run {run + 1}: {result['error']}"
+    return result
+
+
+def _trips_summary(trips: list[dict[str, Any]]) -> dict[str, Any]:
+    """Round trips per publish by waiters held (``n``), over every run and round."""
+    by_n: dict[int, list[dict[str, Any]]] = {}
+    for trip in trips:
+        if not trip.get("first"):
+            by_n.setdefault(trip["n"], []).append(trip)
+    first = [t["round_trips"] for t in trips if t.get("first")]
+    commands: dict[str, list[int]] = {}
+    for trip in trips:
+        if not trip.get("first"):
+            for command, count in trip["by_command"].items():
+                commands.setdefault(command, []).append(count)
+    return {
+        "by_n": {
+            str(n): {
+                "round_trips": median([t["round_trips"] for t in found]),
+                "min": min(t["round_trips"] for t in found),
+                "max": max(t["round_trips"] for t in found),
+                "max_per_process": max(t["max_per_process"] for t in found),
+                "processes": max(t["processes"] for t in found),
+                "script_commands": median([t["script_commands"] for t in found]),
+                "publishes": len(found),
+            }
+            for n, found in sorted(by_n.items())
+        },
+        "commands": {c: [min(v), max(v)] for c, v in sorted(commands.items())},
+        "first": [min(first), max(first)] if first else None,
+        "longest_window_ms": max(t["window_ms"] for t in trips),
+    }
+
+
+def _spread(held: list[list[int]]) -> str:
+    """How the held polls were spread over the processes, run by run."""
+    return "; ".join(" / ".join(f"{count:,}" for count in run) for run in held if run)
+
+
+def report_redis(s: Settings, data: dict[str, Any]) -> tuple[str, list[list[str]]]:
+    summary = data["summary"]
+    n = data["n"]
+    base = summary.get(R_CHANNEL, {})
+    targets: list[list[str]] = []
+    rows = []
+    for name in [r.name for r in REDIS_ROWS if r.name in summary]:
+        r = summary[name]
+        mark = ""
+        if name == R_WORKERS and base:
+            ok = r["fanout_ms"] <= REDIS_FANOUT * base["fanout_ms"]
+            mark = verdict(ok)
+            targets.append(
+                [
+                    f"broadcast to {n:,} over {REDIS_WORKERS} gunicorn workers with Redis, {name}",
+                    f"last answer <= {REDIS_FANOUT}× {R_CHANNEL} (one process, "
+                    "asyncapp.Channel), same run",
+                    ratio(r["fanout_ms"], base["fanout_ms"]),
+                    mark,
+                ]
+            )
+        rows.append(
+            [
+                name,
+                str(r["processes"]),
+                _spread(r["held_by_process"]),
+                num(r["kb_per_conn"], 1),
+                f"{num(r['rss_before_kb'] / 1024, 1)} → {num(r['rss_held_kb'] / 1024, 1)}",
+                num(r["fanout_ms"]),
+                f"{num(r['fanout_min'])}–{num(r['fanout_max'])}",
+                ratio(r["fanout_ms"], base.get("fanout_ms")),
+                num(r["median_ms"]),
+                num(r["hold_s"], 2),
+                mark,
+            ]
+        )
+    header = [
+        "server",
+        "processes",
+        "held per process, run by run",
+        "KB / held poll",
+        "RSS before → held (MiB)",
+        f"publish → last of {n:,} answers (ms, median)",
+        "min–max",
+        f"× {R_CHANNEL}",
+        "median response ms",
+        "hold s",
+        f"target ≤ {REDIS_FANOUT}×",
+    ]
+    trip_rows = []
+    longest = 0.0
+    for name in [r.name for r in REDIS_ROWS if r.redis and r.name in summary]:
+        r = summary[name]
+        trips = r.get("round_trips")
+        if not trips or not trips["by_n"]:
+            continue
+        longest = max(longest, trips["longest_window_ms"])
+        by_n = trips["by_n"]
+        worst = max(level["max_per_process"] for level in by_n.values())
+        total_ok = all(level["max"] <= r["processes"] + 1 for level in by_n.values())
+        ok = worst <= REDIS_TRIPS_PER_PROCESS and total_ok
+        cells = []
+        for level in by_n.values():
+            spread = f" ({level['min']}–{level['max']})" if level["min"] != level["max"] else ""
+            cells.append(f"{num(level['round_trips'])}{spread}")
+        held = " / ".join(f"{int(k):,}" for k in by_n)
+        commands = ", ".join(
+            f"{c} {lo}" if lo == hi else f"{c} {lo}–{hi}"
+            for c, (lo, hi) in trips["commands"].items()
+        )
+        scripts = " / ".join(num(level["script_commands"]) for level in by_n.values())
+        first = trips["first"]
+        targets.append(
+            [
+                f"Redis round trips per publish, {name} ({r['processes']} process"
+                f"{'es' if r['processes'] > 1 else ''})",
+                f"O(1) per process: <= {REDIS_TRIPS_PER_PROCESS} per process with "
+                f"{held} polls held",
+                f"{' / '.join(cells)} in all, <= {worst} per process",
+                verdict(ok),
+            ]
+        )
+        trip_rows.append(
+            [
+                name,
+                str(r["processes"]),
+                held,
+                " / ".join(cells),
+                str(worst),
+                commands,
+                scripts,
+                (f"{first[0]}" if first[0] == first[1] else f"{first[0]}–{first[1]}")
+                if first
+                else "–",
+                verdict(ok),
+            ]
+        )
+    trip_header = [
+        "server",
+        "processes",
+        "polls held",
+        "round trips per publish (median, range)",
+        "most by one process",
+        "commands sent per publish (range)",
+        "commands the script ran inside Redis",
+        "a run's first publish",
+        f"target ≤ {REDIS_TRIPS_PER_PROCESS} per process",
+    ]
+    text = (
+        f"### 8. One channel over {REDIS_WORKERS} gunicorn workers through Redis (issue 11)\n\n"
+        f"{data.get('redis', 'redis-server')}, started by the run on a free loopback port "
+        "without persistence (`--save '' --appendonly no`), pinned to CPU 0 with the servers; "
+        "one stream per run. Every server runs `bench/redis_apps.py`: the generator long "
+        "poll of scenarios 2–3 over `asyncapp.Channel` "
+        f"({R_CHANNEL}: `asyncapp serve`, one process) or `asyncapp.redis.RedisChannel` "
+        f"({R_REDIS}: `asyncapp serve`, one process; {R_WORKERS}: `gunicorn -k "
+        f"asyncapp.gunicorn.Worker -w {REDIS_WORKERS} --worker-connections 20000 "
+        "--keep-alive 5 --backlog 2048`, all four workers on CPU 0 as the one process is), "
+        "each process counting its waiters in a shared file so that `/count` answers for "
+        f"all. {n:,} held polls, {s.runs} run(s) of {s.longpoll_rounds} broadcasts each, as "
+        "in scenarios 2–3: publish → last answer is from sending `GET /release` (one "
+        "`publish()`, whichever worker gets it) until the last of the N responses has "
+        "arrived at the client. Which worker holds which poll is the kernel's choice (the "
+        "workers share the listening socket); the spread is shown.\n\n"
+        + table(header, rows)
+        + _failures(data)
+        + "\nRedis round trips per publish, counted by Redis itself: a `MONITOR` "
+        "connection reports every command with the connection that sent it; two `ECHO` "
+        "markers bound each publish (the second once every answer has arrived and every "
+        "reader has read again, at most 0.9 s after the publish); each connection is traced "
+        "to its process (readers by their name, the publisher's connection through "
+        "`/proc`). Just before each publish the readers' idle `XREAD BLOCK 1000` are ended "
+        "(`CLIENT UNBLOCK`; each reads again at once), so that no idle timeout (one per "
+        "reader per second) falls in the window. Counted: a publish with no poll held, the "
+        f"warm-up's (up to 100 held) and the broadcasts to {n:,}; commands that the publish "
+        "script runs inside Redis are no round trip and are shown apart. A run's first "
+        "publish on a fresh Redis also loads the script (`EVALSHA` → `NOSCRIPT`, `SCRIPT "
+        "LOAD`, `EVALSHA`): shown apart, not in the median. Longest window: "
+        f"{num(longest)} ms.\n\n" + table(trip_header, trip_rows) + "\n"
+    )
+    return text, targets
+
+
 # -- the machine --------------------------------------------------------------------
 def calibrate() -> str:
     """A fixed 3M-iteration Python loop on each CPU: how fast the machine is now."""
@@ -1363,6 +1695,7 @@ BENCHES = {
     "suspend": (bench_suspend, report_suspend),
     "blocking": (bench_blocking, report_blocking),
     "engines": (bench_engines, report_engines),
+    "redis": (bench_redis, report_redis),
 }
 
 
@@ -1429,16 +1762,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown scenario(s) {', '.join(sorted(unknown))}; pick from {SCENARIOS}")
     if args.servers:
         wanted = [x.strip() for x in args.servers.split(",") if x.strip()]
-        known = {server.name for server in SERVERS}
+        known = {server.name for server in SERVERS} | {row.name for row in REDIS_ROWS}
         if set(wanted) - known:
             bad = sorted(set(wanted) - known)
             parser.error(f"unknown server(s) {bad}; pick from {sorted(known)}")
         SERVERS[:] = [server for server in SERVERS if server.name in wanted]
+        REDIS_ROWS[:] = [row for row in REDIS_ROWS if row.name in wanted]
     settings = Settings.make(args.quick, args.runs, args.n)
     if {"hello", "blocking"} & set(only) and shutil.which("wrk") is None:
         raise SystemExit(
             "wrk is not installed: apt-get install -y wrk (or --only without hello, blocking)"
         )
+    if "redis" in only and (missing := redis_missing()):
+        raise SystemExit(missing)
     if args.output:
         path = Path(args.output)
     elif args.only is None:
@@ -1449,7 +1785,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ensure_peer_venv()
     # Long polls need N sockets in the client and in the server; children inherit.
     fd_limit = raise_fd_limit(2 * settings.longpoll_n + 1024)
-    if {"longpoll", "engines"} & set(only) and fd_limit < settings.longpoll_n + 512:
+    if {"longpoll", "engines", "redis"} & set(only) and fd_limit < settings.longpoll_n + 512:
         # Server and client are separate processes: each needs N sockets.
         print(f"open-file limit {fd_limit}: holding {fd_limit - 512} long polls", file=sys.stderr)
         settings.longpoll_n = fd_limit - 512
@@ -1478,6 +1814,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(text)
     path.write_text(text)
     print(f"written to {path} (raw figures: {raw_path})", file=sys.stderr)
+    # The same run as SVG bar charts next to its JSON (python -m bench.charts
+    # draws them again from any saved run; the docs draw the committed ones).
+    for chart in charts.write([raw_path]):
+        print(f"chart: {chart}", file=sys.stderr)
     return 0
 
 

@@ -75,6 +75,8 @@ class _Suspend(Generator[Op[Any], Any, T]):
 
 
 class Read(Op[bytes]):
+    """:func:`asyncapp.read`'s operation: the next piece of the request body."""
+
     __slots__ = ("environ", "input", "size", "timeout")
 
     def __init__(
@@ -95,6 +97,8 @@ class Read(Op[bytes]):
 
 
 class Readable(Op[bool]):
+    """:func:`asyncapp.readable`'s operation: readiness of one fd, or a timeout."""
+
     __slots__ = ("environ", "fd", "timeout")
     _write = False
 
@@ -112,11 +116,15 @@ class Readable(Op[bool]):
 
 
 class Writable(Readable):
+    """:func:`asyncapp.writable`'s operation."""
+
     __slots__ = ()
     _write = True
 
 
 class Sleep(Op[None]):
+    """:func:`asyncapp.sleep`'s operation: a pure timer."""
+
     __slots__ = ("environ", "seconds")
 
     def __init__(self, environ: Environ, seconds: float) -> None:

@@ -99,16 +99,20 @@ class AsyncioLoop:
         self._fds: dict[int, _FdWaiters] = {}
 
     def call_soon(self, callback: Callable[[], None]) -> None:
+        """asyncio's ``call_soon``."""
         self.aio.call_soon(callback)
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> asyncio.TimerHandle:
+        """asyncio's ``call_later``; the handle's ``cancel()`` withdraws it."""
         return self.aio.call_later(delay, callback)
 
     def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
+        """asyncio's ``call_soon_threadsafe``; a no-op once the loop closed."""
         with contextlib.suppress(RuntimeError):  # the loop closed: nobody to tell
             self.aio.call_soon_threadsafe(callback)
 
     def watch(self, fd: int, write: bool, callback: Callable[[OSError | None], None]) -> Watch:
+        """One-shot readiness wait, multiplexed on one asyncio reader or writer per fd."""
         entry = self._fds.get(fd)
         if entry is None:
             entry = self._fds[fd] = _FdWaiters()
@@ -130,6 +134,7 @@ class AsyncioLoop:
         return w
 
     def unwatch(self, w: Watch) -> None:
+        """Withdraw a watch; the fd leaves asyncio's loop with its last watch."""
         entry = self._fds.get(w.fd)
         if entry is None:
             return

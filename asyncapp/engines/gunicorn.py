@@ -214,6 +214,7 @@ class Worker(base.Worker):  # type: ignore[misc]  # gunicorn has no type hints
         super().init_process()  # loads the app (load_wsgi), then run()
 
     def load_wsgi(self) -> None:
+        """gunicorn's hook: load the app, then make the bundled server for it."""
         super().load_wsgi()
         # Still before gunicorn marks the worker booted: whatever fails here
         # (a setting the server refuses, a socket it cannot use) exits with
@@ -373,10 +374,12 @@ class Worker(base.Worker):  # type: ignore[misc]  # gunicorn has no type hints
 
     # -- gunicorn's signal handlers ----------------------------------------------
     def handle_exit(self, sig: int, frame: Any) -> None:
+        """SIGTERM: stop gracefully, within gunicorn's ``graceful_timeout``."""
         # SIGTERM: from the master's graceful stop, HUP reload, or manage_workers.
         self._stop()
 
     def handle_usr1(self, sig: int, frame: Any) -> None:
+        """SIGUSR1: reopen the log files, ``wsgi.errors`` included."""
         super().handle_usr1(sig, frame)  # reopens the log files
         if self.server is not None:
             # The wrapper holds the streams it found: give it the new ones.

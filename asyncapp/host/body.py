@@ -154,7 +154,7 @@ class InputStream:
         """At most one raw read: buffered bytes if any, else one ``raw_read``.
 
         ``b""`` only at the end of the body (or for ``size == 0``); None or
-        negative: up to :data:`RAW_CHUNK` bytes. While :meth:`has_buffered`,
+        negative: up to :data:`~asyncapp.protocol.RAW_CHUNK` bytes. While :meth:`has_buffered`,
         it never calls ``raw_read``, so a non-blocking caller can take the
         read-ahead with it before turning to the host's reader.
         """

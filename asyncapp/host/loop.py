@@ -48,7 +48,11 @@ _EVENT_WRITE: Final = selectors.EVENT_WRITE
 
 
 class Cancellable(Protocol):
-    def cancel(self) -> None: ...
+    """What :meth:`~asyncapp.host.HostLoop.call_later` returns: a timer to withdraw."""
+
+    def cancel(self) -> None:
+        """Withdraw the timer; a no-op once it ran."""
+        ...
 
 
 class HostLoop(Protocol):
@@ -62,15 +66,29 @@ class HostLoop(Protocol):
     #: The thread that runs the loop, once it accepts calls from others.
     owner: int | None
 
-    def call_soon(self, callback: Callable[[], None]) -> None: ...
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        """Run ``callback()`` on the loop's next pass (from the loop's thread)."""
+        ...
 
-    def call_later(self, delay: float, callback: Callable[[], None]) -> Cancellable: ...
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Cancellable:
+        """Run ``callback()`` in ``delay`` seconds; the result's ``cancel()`` withdraws it."""
+        ...
 
-    def call_soon_threadsafe(self, callback: Callable[[], None]) -> None: ...
+    def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
+        """:meth:`call_soon` from any thread, waking the loop if it is waiting."""
+        ...
 
-    def watch(self, fd: int, write: bool, callback: Callable[[OSError | None], None]) -> Watch: ...
+    def watch(self, fd: int, write: bool, callback: Callable[[OSError | None], None]) -> Watch:
+        """Call ``callback(None)`` once when ``fd`` is ready, ``callback(error)`` if it fails.
 
-    def unwatch(self, w: Watch) -> None: ...
+        Any number of watches may share a fd; the fd is out of the loop
+        before the callbacks run, so they may close it.
+        """
+        ...
+
+    def unwatch(self, w: Watch) -> None:
+        """Withdraw a watch whose callback has not run; a no-op after it ran."""
+        ...
 
 
 class Timer(list):  # type: ignore[type-arg]
@@ -89,17 +107,21 @@ class Timer(list):  # type: ignore[type-arg]
 
     @property
     def when(self) -> float:
+        """The :func:`time.monotonic` time the timer is due."""
         return self[0]  # type: ignore[no-any-return]
 
     @property
     def callback(self) -> Callable[[], None]:
+        """What runs when it is due (a no-op once cancelled)."""
         return self[2] or _nothing
 
     @property
     def cancelled(self) -> bool:
+        """Whether :meth:`cancel` was called."""
         return self[2] is None
 
     def cancel(self) -> None:
+        """Withdraw the timer; its callback is dropped at once."""
         # It stays in the heap until it comes up: keep nothing alive meanwhile.
         self[2] = None
 
@@ -171,9 +193,11 @@ class Loop:
 
     # -- scheduling -------------------------------------------------------
     def call_soon(self, callback: Callable[[], None]) -> None:
+        """Run ``callback()`` on the next pass; from the loop's thread only."""
         self._ready.append(callback)
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        """Run ``callback()`` in ``delay`` seconds; ``Timer.cancel()`` withdraws it."""
         timer = Timer((time.monotonic() + delay, next(self._seq), callback))
         heapq.heappush(self._timers, timer)
         return timer
@@ -400,6 +424,7 @@ class Loop:
 
     @property
     def watched_fds(self) -> int:
+        """How many fds have watches now (the tests check nothing leaks)."""
         return len(self._fds)
 
     # -- running ----------------------------------------------------------
@@ -442,6 +467,7 @@ class Loop:
             ready.popleft()()
 
     def close(self) -> None:
+        """Close the selector and the waker; the loop cannot run again."""
         self.selector.close()
         if self._waker is not None:
             for sock in self._waker:
