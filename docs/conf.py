@@ -66,6 +66,8 @@ nitpick_ignore = [
     ("py:class", "WSGIApp"),
     # gunicorn's docs have no API pages: asyncapp's Worker derives from it.
     ("py:class", "gunicorn.workers.base.Worker"),
+    # redis-py's docs are not installed offline: RedisChannel accepts its client.
+    ("py:class", "redis.client.Redis"),
     # Python's docs list these under asyncio's top-level names, which
     # annotations resolve to the defining submodule.
     ("py:class", "asyncio.events.AbstractEventLoop"),

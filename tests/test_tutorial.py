@@ -12,7 +12,8 @@ page tells the reader to run it:
   and class in them is verbatim ``examples/chat.py`` (or step 2's, for what
   a later step replaces);
 * step 6 is ``examples/chat.py``, tried in headless Chromium;
-* step 7 serves it with the page's gunicorn command line.
+* step 7 serves it with the page's gunicorn command line, and step 8 with
+  four workers sharing a Redis room (the test's own ``redis-server``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -29,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -116,7 +119,7 @@ def test_the_page_shows_only_included_files() -> None:
     included = set(re.findall(r"^```\{literalinclude\} (\S+)", text, re.MULTILINE))
     for name in included:
         assert (STEPS / name).resolve().is_file(), name
-    steps = {f"step{n}.py" for n in range(1, 6)} | {f"step{n}.sh" for n in (2, 3, 4, 5, 7)}
+    steps = {f"step{n}.py" for n in range(1, 6)} | {f"step{n}.sh" for n in (2, 3, 4, 5, 7, 8)}
     assert steps <= included, steps - included
     assert "../../examples/chat.py" in included
 
@@ -126,9 +129,10 @@ def test_the_page_shows_only_included_files() -> None:
 
 @contextlib.contextmanager
 def serving(
-    argv: list[str], cwd: Path, pattern: str
+    argv: list[str], cwd: Path, pattern: str, extra_env: dict[str, str] | None = None
 ) -> Iterator[tuple[subprocess.Popen[str], int]]:
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env.update(extra_env or {})
     proc = subprocess.Popen(
         argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -276,3 +280,60 @@ def test_step_7_on_gunicorn(tmp_path: Path) -> None:
                 assert time.monotonic() < deadline, "gunicorn's worker never answered"
                 time.sleep(0.1)
         assert run_session(STEPS / "step2.sh", port) == (STEPS / "step2.out").read_text()
+
+
+def _workers(master: int, count: int) -> list[int]:
+    """The pids of the master's ``count`` workers, once all are forked."""
+    children = Path(f"/proc/{master}/task/{master}/children")
+    deadline = time.monotonic() + WAIT
+    while len(pids := [int(p) for p in children.read_text().split()]) < count:
+        assert time.monotonic() < deadline, f"{len(pids)} of {count} workers"
+        time.sleep(0.05)
+    return pids
+
+
+def _poll_reply(sock: socket.socket) -> dict[str, object]:
+    data = b""
+    while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+        chunk = sock.recv(65536)
+        assert chunk, f"closed before the answer: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return json.loads(body)  # type: ignore[no-any-return]
+
+
+def test_step_8_four_workers_share_the_room_through_redis(tmp_path: Path) -> None:
+    """Polls held by different workers are all released by one post."""
+    from redis_support import accepted_by, redis_server, spread_connections
+
+    shutil.copy(CHAT, tmp_path / "chat.py")
+    lines = [x for x in (STEPS / "step8.sh").read_text().splitlines() if x.strip()]
+    assert lines[0].startswith("redis-server ")  # the test starts its own instead
+    setting, *argv = lines[1].replace(DOC_ADDRESS, f"127.0.0.1:{(port := free_port())}").split()
+    name, _, _ = setting.partition("=")
+    assert name == "REDIS_URL" and argv[0] == "gunicorn" and "-w" in argv, lines[1]
+    workers = int(argv[argv.index("-w") + 1])
+    argv[0] = str(BIN / "gunicorn")
+    with (
+        redis_server(tmp_path) as redis,
+        serving(argv, tmp_path, r"Listening at: http://127\.0\.0\.1:(\d+)", {name: redis.url}) as (
+            master,
+            bound,
+        ),
+    ):
+        assert bound == port
+        pids = _workers(master.pid, workers)
+        socks = spread_connections(port, pids, 2 * workers, accepted_by(pids, port))
+        try:
+            for sock in socks:
+                sock.sendall(b"GET /poll?cursor=0&timeout=20 HTTP/1.1\r\nHost: chat\r\n\r\n")
+            form = urllib.parse.urlencode({"name": "ann", "message": "hello all"}).encode()
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/send", form, WAIT) as sent:
+                assert sent.status == 204
+            for sock in socks:
+                reply = _poll_reply(sock)
+                assert [m["message"] for m in reply["messages"]] == ["hello all"], reply  # type: ignore[union-attr]
+        finally:
+            for sock in socks:
+                sock.close()

@@ -54,6 +54,7 @@ __all__ = [
 ]
 
 Environ = dict[str, Any]
+#: One WebSocket message: ``str`` for a text message, ``bytes`` for binary.
 Message = str | bytes
 Steps = Generator[bytes, None, Any]
 

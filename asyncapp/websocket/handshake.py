@@ -5,7 +5,7 @@ One place for every rule, used by every host (the bundled server's
 (:func:`asyncapp.websocket.accept`, :func:`asyncapp.websocket.is_upgrade`),
 so a request is judged the same way wherever it is judged:
 
-* :func:`is_upgrade`: the client asks for a WebSocket (``Upgrade: websocket``).
+* :func:`~asyncapp.websocket.is_upgrade`: the client asks for a WebSocket (``Upgrade: websocket``).
 * :func:`check_request`: the request is a valid opening handshake, or
   :class:`~asyncapp.errors.HandshakeError` with the 400 or 426 to answer.
 * :func:`choose_subprotocol`, :func:`response_headers`: the ``101``.

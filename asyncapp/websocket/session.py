@@ -56,7 +56,7 @@ from asyncapp.websocket.handshake import DeflateParams
 if TYPE_CHECKING:
     from zlib import _Decompress
 
-__all__ = ["Limits", "Message", "Session", "State"]
+__all__ = ["Inbox", "Limits", "Message", "Session", "State", "check_close"]
 
 Message = str | bytes
 State = Literal["open", "closing", "closed"]
@@ -228,11 +228,79 @@ _FAIL_REASONS: Final = {
 }
 
 
-class Session:
+class Inbox:
+    """Whole messages waiting for the app, the state, and how the WebSocket closed.
+
+    The part of a WebSocket's bookkeeping that does not depend on who does
+    the framing: :class:`Session` (the bundled server frames the bytes
+    itself) and the ASGI bridge's handle (the ASGI server frames them and
+    hands over whole messages, :mod:`asyncapp.engines.asgi`) both hold
+    their incoming messages, their limits and their close code here, so
+    ``receive``, the reading back-pressure and the close codes behave the
+    same on both.
+    """
+
+    __slots__ = ("close_code", "close_reason", "limits", "messages", "queued_bytes", "state")
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        self.state: State = "open"
+        #: Whole messages received and not yet taken (a list: it rarely
+        #: holds more than one, and an empty deque is 0.6 KB).
+        self.messages: list[Message] = []
+        self.queued_bytes = 0
+        #: The code of the peer's close frame; if none came, the code this
+        #: side failed the connection with; else 1006. None while open.
+        self.close_code: int | None = None
+        self.close_reason = ""
+
+    def next_message(self) -> Message | None:
+        """The next whole message; None once closed and all were taken.
+
+        Raises :class:`BlockingIOError` when none is there yet.
+        """
+        messages = self.messages
+        if messages:
+            message = messages.pop(0)
+            self.queued_bytes -= len(message)
+            return message
+        if self.state == "closed":
+            return None
+        raise BlockingIOError(errno.EAGAIN, "no whole WebSocket message yet")
+
+    def ready(self) -> bool:
+        """Whether :meth:`next_message` would not raise."""
+        return bool(self.messages) or self.state == "closed"
+
+    def wants_data(self) -> bool:
+        """Whether the transport should read: not while the app lags behind."""
+        return self.state == "closed" or (
+            len(self.messages) < self.limits.max_queue
+            and self.queued_bytes < self.limits.max_message_size
+        )
+
+    def _why_closed(self) -> str:
+        if self.state == "closing":
+            return "the WebSocket is closing: this side sent its close frame"
+        return f"the WebSocket is closed (code {self.close_code})"
+
+
+def check_close(code: int, reason: str) -> None:
+    """Raise :class:`~asyncapp.UsageError` for a close code or reason that cannot be sent."""
+    if not (code in _SENDABLE or 3000 <= code <= 4999):
+        raise UsageError(
+            f"close code {code!r} cannot be sent: use 1000 (normal), 1001 (going "
+            "away), 1008 (policy), 1011 (error) or a code of 3000-4999"
+        )
+    if len(reason.encode("utf-8")) > MAX_REASON:
+        raise UsageError(f"a close reason is at most {MAX_REASON} bytes of UTF-8")
+
+
+class Session(Inbox):
     """The protocol state of one WebSocket (server side), bytes in and out.
 
     Feed it with :meth:`receive_data` (and :meth:`receive_eof`); take whole
-    messages with :meth:`next_message`; send with :meth:`send` and
+    messages with :meth:`Inbox.next_message`; send with :meth:`send` and
     :meth:`close`; write what :meth:`data_to_send` returns after each call;
     call :meth:`tick` once :attr:`deadline` has passed.
 
@@ -250,14 +318,8 @@ class Session:
         "_ping_at",
         "_pong_due",
         "_proto",
-        "close_code",
-        "close_reason",
         "deadline",
         "failed",
-        "limits",
-        "messages",
-        "queued_bytes",
-        "state",
     )
 
     def __init__(
@@ -266,21 +328,13 @@ class Session:
         deflate: DeflateParams | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.limits = limits = limits or Limits()
+        super().__init__(limits)
+        limits = self.limits
         self._clock = clock
         self._guard = _Guard(limits.max_message_size, deflate)
         self._proto = FrameProtocol(False, [self._guard])
-        self.state: State = "open"
-        #: Whole messages received and not yet taken (a list: it rarely
-        #: holds more than one, and an empty deque is 0.6 KB).
-        self.messages: list[Message] = []
-        self.queued_bytes = 0
         self._parts: list[str] | list[bytes] | None = None
         self._out: list[bytes | bytearray] = []
-        #: The code of the peer's close frame; if none came, the code this
-        #: side failed the connection with; else 1006. None while open.
-        self.close_code: int | None = None
-        self.close_reason = ""
         #: This side failed the connection (its parser is dead).
         self.failed = False
         interval = limits.ping_interval
@@ -354,31 +408,6 @@ class Session:
             self.deadline = None
 
     # -- what the app takes and gives -------------------------------------------------
-    def next_message(self) -> Message | None:
-        """The next whole message; None once closed and all were taken.
-
-        Raises :class:`BlockingIOError` when none is there yet.
-        """
-        messages = self.messages
-        if messages:
-            message = messages.pop(0)
-            self.queued_bytes -= len(message)
-            return message
-        if self.state == "closed":
-            return None
-        raise BlockingIOError(errno.EAGAIN, "no whole WebSocket message yet")
-
-    def ready(self) -> bool:
-        """Whether :meth:`next_message` would not raise."""
-        return bool(self.messages) or self.state == "closed"
-
-    def wants_data(self) -> bool:
-        """Whether the transport should read: not while the app lags behind."""
-        return self.state == "closed" or (
-            len(self.messages) < self.limits.max_queue
-            and self.queued_bytes < self.limits.max_message_size
-        )
-
     def send(self, message: Message) -> None:
         """Send one message: ``str`` as text, ``bytes`` as binary.
 
@@ -398,13 +427,7 @@ class Session:
 
     def close(self, code: int = 1000, reason: str = "") -> None:
         """Start the closing handshake; a no-op once it has begun."""
-        if not (code in _SENDABLE or 3000 <= code <= 4999):
-            raise UsageError(
-                f"close code {code!r} cannot be sent: use 1000 (normal), 1001 (going "
-                "away), 1008 (policy), 1011 (error) or a code of 3000-4999"
-            )
-        if len(reason.encode("utf-8")) > MAX_REASON:
-            raise UsageError(f"a close reason is at most {MAX_REASON} bytes of UTF-8")
+        check_close(code, reason)
         if self.state != "open":
             return
         self._out.append(self._proto.close(code, reason))
@@ -429,11 +452,6 @@ class Session:
         self._ping_at = self._pong_due = None
         # The bytes after the close are drained this long at most.
         self.deadline = self._clock() + self.limits.close_timeout
-
-    def _why_closed(self) -> str:
-        if self.state == "closing":
-            return "the WebSocket is closing: this side sent its close frame"
-        return f"the WebSocket is closed (code {self.close_code})"
 
     # -- outgoing and time -------------------------------------------------------------
     def data_to_send(self) -> bytes:

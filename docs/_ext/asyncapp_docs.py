@@ -44,6 +44,8 @@ API_MODULES = [
     "asyncapp.testing",
     "asyncapp.asgi",
     "asyncapp.gunicorn",
+    "asyncapp.redis",
+    "asyncapp.websocket",
     "asyncapp.server",
     "asyncapp.host",
     "asyncapp.protocol",
