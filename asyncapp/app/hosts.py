@@ -172,6 +172,9 @@ def wait(environ: Environ, fd: FdLike, write: bool, timeout: float | None) -> St
         return _AsyncWait(environ, target, write, timeout)
     if kind == "fdevent":
         return _fdevent_wait(environ, _fileno(target), write, timeout)
+    if gevent.running_in_hub_greenlet():
+        # Watching the request's connection too: a client that leaves ends the app.
+        return _returning(gevent.wait_fd(_fileno(target), write, timeout, environ))
     return _returning(poll(_fileno(target), write, timeout))
 
 
@@ -225,7 +228,16 @@ class _AsyncWait(Generator[bytes, None, bool]):
             raise handle.error or OSError(errno.EBADF, "wait failed")
         # Still pending: the b"" never reached the host. Stay correct, block.
         handle.cancel()
-        raise StopIteration(poll(_fileno(self.target), self.write, _remaining(self.deadline)))
+        target = self.target
+        if not isinstance(target, int) and getattr(target, "fileno", None) is None:
+            # A WebSocket handle: its messages come from the host's loop,
+            # which cannot run while this app blocks it.
+            raise UsageError(
+                "a middleware consumed the app's iterable instead of passing on its "
+                "b'' (docs/protocol.md 4.6): a WebSocket cannot be waited on that way; "
+                "serve the WebSocket route without that middleware"
+            )
+        raise StopIteration(poll(_fileno(target), self.write, _remaining(self.deadline)))
 
     def throw(self, typ: Any, val: Any = None, tb: Any = None) -> bytes:
         """An exception at the yield (the app is closed or cancelled): cancel."""
@@ -351,7 +363,8 @@ def sleep(environ: Environ, seconds: float) -> Steps:
     left = deadline - time.monotonic()
     if left > 0.0005 and kind != "fdevent":
         if gevent.running_in_hub_greenlet():
-            gevent.sleep(left)  # the hub runs other greenlets meanwhile
+            # The hub runs other greenlets meanwhile; a client that leaves ends the app.
+            gevent.sleep(left, environ if kind == "blocking" else None)
         else:
             time.sleep(left)
     return None
