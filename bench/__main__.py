@@ -85,10 +85,12 @@ PEER_REQUIREMENTS = [
     "a2wsgi==1.10.10",
     # gunicorn's gevent worker imports it (gunicorn[gevent]).
     "packaging==26.4",
+    # Not in PEERS.md: the Rust front end issue 13 measures against.
+    "granian==2.8.9",
 ]
 PEER_DISTRIBUTIONS = [
     "gevent", "greenlet", "waitress", "uvicorn", "h11", "httptools", "Werkzeug", "gunicorn",
-    "uvloop", "a2wsgi",
+    "uvloop", "a2wsgi", "granian",
 ]  # fmt: skip
 #: What the project's .venv runs the engines with (to_asgi, the gunicorn worker).
 ENGINE_DISTRIBUTIONS = ["uvicorn", "httptools", "uvloop", "gunicorn", "a2wsgi"]
@@ -292,6 +294,20 @@ def _peer(server: str, *extra: str) -> Callable[[str, int], list[str]]:
     return command
 
 
+def _granian(*extra: str) -> Callable[[str, int], list[str]]:
+    """granian's WSGI interface, one worker: Rust HTTP, the app on Python threads."""
+
+    def command(app: str, port: int) -> list[str]:
+        return [
+            str(BENCH_VENV / "bin" / "granian"),
+            "--interface", "wsgi", "--workers", "1", "--http", "1", "--no-ws",
+            "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+            "--working-dir", str(ROOT), *extra, f"bench.peer_apps:{app}",
+        ]  # fmt: skip
+
+    return command
+
+
 def _uvicorn_cmd(python: str, target: str, port: int, http: str, loop: str) -> list[str]:
     return [
         python,
@@ -437,6 +453,9 @@ SERVERS = [
     Server("uvicorn-h11", _uvicorn("h11"), ALL),
     Server("uvicorn-httptools", _uvicorn("httptools"), ALL),
     Server("waitress-t40", _peer("waitress", "--threads", "40"), ("blocking",)),
+    # issue 13's reference: granian's WSGI interface with its default threads, and with one.
+    Server("granian-wsgi", _granian(), ("hello",), {"longpoll": NO_HOLD}),
+    Server("granian-wsgi-t1", _granian("--blocking-threads", "1"), ("hello",)),
     Server("gunicorn-gthread-t40", _gunicorn(40), ("blocking",)),
     # The default settings: plain apps run on the pool of Config.threads = 40.
     Server("asyncapp-plain", _asyncapp("plain"), ("hello", "blocking", E_HELLO),
@@ -579,6 +598,10 @@ def bench_hello(s: Settings, log_dir: Path, deadline: float) -> dict[str, Any]:
 INLINE = "asyncapp-plain-inline"
 #: Default settings (pool) against the inline mode, same run (issue 9).
 POOL_VS_INLINE = 0.85
+#: issue 13's reference for hello: granian's WSGI interface, one worker.
+GRANIAN = "granian-wsgi"
+#: issue 13: the greenlet style against the plain app, same run.
+GREEN_VS_PLAIN = 0.85
 
 
 def report_hello(s: Settings, data: dict[str, Any]) -> tuple[str, list[list[str]]]:
@@ -587,8 +610,25 @@ def report_hello(s: Settings, data: dict[str, Any]) -> tuple[str, list[list[str]
     base_uvicorn = summary.get("uvicorn-httptools", {}).get("rps")
     base_raw = summary.get("raw-asyncio", {}).get("rps")
     base_inline = summary.get(INLINE, {}).get("rps")
+    base_granian = summary.get(GRANIAN, {}).get("rps")
+    base_plain = summary.get("asyncapp-plain", {}).get("rps")
     rows = []
     targets = []
+    # issue 13: the plain and generator apps against granian's WSGI, the
+    # greenlet style against the plain app.
+    for name, base, floor, against in (
+        ("asyncapp-plain", base_granian, 1.0, GRANIAN),
+        (INLINE, base_granian, 1.0, GRANIAN),
+        ("asyncapp-gen", base_granian, 1.0, GRANIAN),
+        ("asyncapp-green", base_plain, GREEN_VS_PLAIN, "asyncapp-plain"),
+    ):
+        value = summary.get(name, {}).get("rps")
+        if value and base:
+            ok = value >= floor * base
+            targets.append(
+                [f"hello req/s, {name} (issue 13)", f">= {floor}× {against}, same run",
+                 ratio(value, base), verdict(ok)]
+            )  # fmt: skip
     for name, r in sorted(summary.items(), key=lambda kv: -kv[1]["rps"]):
         target = ""
         if name == "asyncapp-plain":
@@ -628,6 +668,7 @@ def report_hello(s: Settings, data: dict[str, Any]) -> tuple[str, list[list[str]
                 ratio(r["rps"], base_uvicorn),
                 ratio(r["rps"], base_raw),
                 ratio(r["rps"], base_inline),
+                ratio(r["rps"], base_granian),
                 num(r["p99_ms"], 2),
                 num(r["cpu_pct"]),
                 str(r["errors"]),
@@ -642,6 +683,7 @@ def report_hello(s: Settings, data: dict[str, Any]) -> tuple[str, list[list[str]
         "× uvicorn-httptools",
         "× raw-asyncio",
         f"× {INLINE}",
+        f"× {GRANIAN}",
         "p99 ms",
         "server CPU %",
         "errors",
