@@ -27,6 +27,21 @@ the extensions hand out, and ``wsgi.input`` the file a plain app reads (on
 its pool thread, through the loop). Output goes to ``send()`` one message at
 a time; while ``write_buffer_high`` bytes wait for it the app is paused. An
 ``http.disconnect`` closes the app's iterable at once.
+
+WebSockets. A ``websocket`` scope becomes a WSGI request (a ``GET`` with
+the upgrade fields, so :func:`asyncapp.websocket.is_upgrade` is true and the
+handshake checks pass) whose environ offers ``x-wsgiorg.async.websocket``
+(``docs/protocol.md`` 3.8). Calling it sends ``websocket.accept`` and
+returns an :class:`AsgiWebSocket`, the same handle as the bundled
+server's, fed with whole messages by ``receive()``: the ASGI server does the
+framing, pings and compression. An app that refuses (a
+:class:`~asyncapp.websocket.HandshakeError`, an ordinary response) or ends
+without accepting gets its response sent with the ``websocket.http.response``
+extension where the server has it, else a ``websocket.close`` (the server
+answers 403). The connection's one coroutine is the one the ASGI server
+runs: it reads ``receive()`` while the app keeps up (``max_queue``), so an
+idle WebSocket holds that coroutine and two small objects, no task and no
+thread.
 """
 
 from __future__ import annotations
@@ -35,6 +50,7 @@ import asyncio
 import contextlib
 import errno
 import functools
+import io
 import logging
 import sys
 import threading
@@ -49,10 +65,13 @@ from asyncapp.host.body import InputStream
 from asyncapp.host.loop import Watch
 from asyncapp.host.task import AppTask, close_app
 from asyncapp.host.threadpool import ThreadPool
-from asyncapp.protocol import is_nonblocking
+from asyncapp.protocol import ASYNC_WEBSOCKET, is_nonblocking
+from asyncapp.server.exchange import check_websocket_headers
 from asyncapp.server.http11 import HOP_BY_HOP, ResponseError, check_status, prepare_headers
+from asyncapp.websocket import handshake
+from asyncapp.websocket.session import Inbox, Limits, check_close
 
-__all__ = ["AsyncioLoop", "BodyReader", "to_asgi"]
+__all__ = ["AsgiWebSocket", "AsyncioLoop", "BodyReader", "to_asgi"]
 
 log = logging.getLogger("asyncapp.asgi")
 
@@ -73,6 +92,10 @@ WRITE_BUFFER_HIGH: Final = 65536
 #: Seconds a plain app's ``wsgi.input`` read waits for more body, as the
 #: bundled server's ``body_timeout``.
 BODY_TIMEOUT: Final = 10.0
+#: Largest WebSocket message handed to the app: 1 MiB, the bundled server's
+#: ``ws_max_message_size``. The ASGI server has its own, larger, limit (16
+#: MiB on uvicorn and hypercorn) on what it assembles; this is the app's.
+WS_MAX_MESSAGE_SIZE: Final = 1 << 20
 
 
 class _FdWaiters:
@@ -552,12 +575,523 @@ class _Exchange(AppTask):
         self.step()
 
 
-class _Bridge:
-    __slots__ = ("_loop", "_pool", "app", "threads")
+# -- WebSockets ----------------------------------------------------------------------
 
-    def __init__(self, app: WSGIApp, threads: int) -> None:
+
+def _websocket_environ(scope: Scope, multithread: bool) -> dict[str, Any]:
+    """The environ of a ``websocket`` scope: the opening handshake as a GET request.
+
+    The ASGI server checked the handshake already; the fields it may not
+    pass on (an HTTP/2 WebSocket, RFC 8441, has no ``Upgrade`` and no key)
+    are put back, so the app's :func:`~asyncapp.websocket.is_upgrade` and the
+    shared checks (:mod:`asyncapp.websocket.handshake`) see what an HTTP/1.1
+    handshake shows them.
+    """
+    environ = _environ({**scope, "method": "GET"}, multithread)
+    environ["asgi.scope"] = scope
+    if scope.get("http_version") not in (None, "1.1"):
+        environ["SERVER_PROTOCOL"] = "HTTP/1.1"  # an HTTP/2 stream is no HTTP/1.0
+    if not handshake.is_upgrade(environ):
+        environ["HTTP_UPGRADE"] = "websocket"
+    if "upgrade" not in handshake.tokens(environ.get("HTTP_CONNECTION", "")):
+        environ["HTTP_CONNECTION"] = "Upgrade"
+    subprotocols = scope.get("subprotocols")
+    if subprotocols and "HTTP_SEC_WEBSOCKET_PROTOCOL" not in environ:
+        # uvicorn's wsproto implementation passes them here only.
+        environ["HTTP_SEC_WEBSOCKET_PROTOCOL"] = ", ".join(subprotocols)
+    environ.setdefault("HTTP_SEC_WEBSOCKET_VERSION", handshake.VERSION)
+    environ.setdefault("HTTP_SEC_WEBSOCKET_KEY", "AAAAAAAAAAAAAAAAAAAAAA==")
+    environ.pop("CONTENT_LENGTH", None)
+    environ.pop("HTTP_TRANSFER_ENCODING", None)
+    environ["wsgi.input"] = io.BytesIO()  # a handshake has no body
+    return environ
+
+
+class _WsWait:
+    """The app's one pending wait on the handle (``readable``/``writable``)."""
+
+    __slots__ = ("callback", "write", "ws")
+
+    def __init__(
+        self, ws: AsgiWebSocket, callback: Callable[[OSError | None], None], write: bool
+    ) -> None:
+        self.ws = ws
+        self.callback = callback
+        self.write = write
+
+    def cancel(self) -> None:
+        if self.ws._waiter is self:
+            self.ws._waiter = None
+
+
+class AsgiWebSocket:
+    """The WebSocket handle of the ASGI bridge (``docs/protocol.md`` 3.8).
+
+    The same interface, and the same bookkeeping of incoming messages
+    (:class:`~asyncapp.websocket.session.Inbox`), as the bundled server's
+    :class:`~asyncapp.server.websocket.ServerWebSocket`; frames, pings and
+    compression are the ASGI server's. ``buffered`` counts the message bytes
+    queued for ``send()`` that the ASGI server has not taken yet.
+    """
+
+    __slots__ = ("_app_knows", "_ended", "_waiter", "buffered", "exchange", "inbox", "subprotocol")
+
+    def __init__(
+        self, exchange: _WebSocketExchange, limits: Limits, subprotocol: str | None
+    ) -> None:
+        self.exchange = exchange
+        self.inbox = Inbox(limits)
+        self.subprotocol = subprotocol
+        self.buffered = 0
+        self._waiter: _WsWait | None = None
+        #: The app saw the end (receive gave None, send raised) or began it
+        #: (close): its iterable is not closed under it when the end comes.
+        self._app_knows = False
+        #: The end was told to the app.
+        self._ended = False
+
+    @property
+    def close_code(self) -> int | None:
+        return self.inbox.close_code
+
+    @property
+    def close_reason(self) -> str:
+        return self.inbox.close_reason
+
+    def receive(self) -> str | bytes | None:
+        """The next whole message, None once closed; BlockingIOError if none yet."""
+        exchange = self.exchange
+        if exchange.off_loop():
+            return exchange.run_on_loop(self.receive)
+        message = self.inbox.next_message()
+        if message is None:
+            self._app_knows = True
+        else:
+            exchange.resume_reading()  # reading may have paused for the app
+        return message
+
+    def send(self, message: str | bytes) -> bool:
+        """Queue one message; False when the output is over its high-water mark."""
+        exchange = self.exchange
+        if exchange.off_loop():
+            return exchange.run_on_loop(lambda: self.send(message))
+        inbox = self.inbox
+        if inbox.state != "open":
+            self._app_knows = True
+            raise ClientGone(inbox._why_closed())
+        event: Message
+        if isinstance(message, str):
+            event = {"type": "websocket.send", "text": message}
+        elif isinstance(message, (bytes, bytearray, memoryview)):
+            message = bytes(message)
+            event = {"type": "websocket.send", "bytes": message}
+        else:
+            raise UsageError(
+                f"a WebSocket message is str (text) or bytes (binary), not {type(message).__name__}"
+            )
+        self.buffered += len(message)
+        exchange.queue(event, len(message))
+        return self.buffered < WRITE_BUFFER_HIGH
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Start the closing handshake (a no-op once it has begun)."""
+        exchange = self.exchange
+        if exchange.off_loop():
+            exchange.run_on_loop(lambda: self.close(code, reason))
+            return
+        check_close(code, reason)
+        self._app_knows = True
+        self.end(code, reason, failed=False)
+
+    # -- waits (AppTask arms them) -------------------------------------------------------
+    def ready_now(self, write: bool) -> bool:
+        """Whether a wait on the handle is decided at once."""
+        if write:
+            return self.inbox.state != "open" or self.buffered < WRITE_BUFFER_HIGH
+        return self.inbox.ready()
+
+    def wait_ready(self, callback: Callable[[OSError | None], None], write: bool) -> _WsWait:
+        """Call ``callback(None)`` once :meth:`ready_now` holds."""
+        waiter = self._waiter = _WsWait(self, callback, write)
+        return waiter
+
+    def wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and self.ready_now(waiter.write):
+            self._waiter = None
+            waiter.callback(None)
+
+    # -- the bridge's side ---------------------------------------------------------------
+    def received(self, message: Message) -> None:
+        """A ``websocket.receive``: one whole message, held if it is within the limit."""
+        inbox = self.inbox
+        if inbox.state != "open":
+            return  # after this side's close frame: dropped (3.8)
+        payload = message.get("text")
+        if payload is None:
+            payload = message.get("bytes") or b""
+        # The limit is in bytes, as on the wire (UTF-8 for text).
+        size = (
+            len(payload)
+            if isinstance(payload, bytes) or payload.isascii()
+            else len(payload.encode("utf-8"))
+        )
+        if size > inbox.limits.max_message_size:
+            self.end(1009, "message too big", failed=True)
+            return
+        inbox.messages.append(payload)
+        inbox.queued_bytes += len(payload)
+        self.wake()
+
+    def end(self, code: int, reason: str, failed: bool) -> None:
+        """This side closes: the app did (``failed`` False), or the bridge failed it."""
+        inbox = self.inbox
+        if inbox.state != "open":
+            return
+        if failed:
+            # As Session.fail: the code is this side's, and the WebSocket is
+            # closed for the app at once (receive gives None).
+            inbox.close_code, inbox.close_reason = code, reason
+            inbox.state = "closed"
+        else:
+            inbox.state = "closing"
+        self.exchange.queue({"type": "websocket.close", "code": code, "reason": reason}, 0)
+        if failed:
+            self.waiter_or_close()
+        else:
+            self.wake()  # a writable wait is decided: the next send raises
+
+    def disconnected(self, code: int, reason: str) -> None:
+        """``websocket.disconnect`` (or a send that failed): the connection is over."""
+        inbox = self.inbox
+        if inbox.close_code is None:
+            inbox.close_code, inbox.close_reason = code, reason
+        inbox.state = "closed"
+        self.waiter_or_close()
+
+    def waiter_or_close(self) -> None:
+        """The WebSocket is closed: wake the app's wait, or end an app waiting elsewhere."""
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            waiter.callback(None)  # receive() gives None; send() raises
+            self._ended = True
+            return
+        if self._ended:
+            return
+        self._ended = True
+        exchange = self.exchange
+        if not self._app_knows and exchange.pending_wait():
+            # Suspended on something else (a channel, a sleep): it would not
+            # hear of the end until that wait is over (3.8). From the loop,
+            # never from inside the call that found the end.
+            exchange.loop.call_soon(exchange.close)
+
+    def __repr__(self) -> str:
+        return f"<AsgiWebSocket {self.inbox.state} code={self.close_code}>"
+
+
+class _WebSocketExchange(AppTask):
+    """One ASGI ``websocket`` scope, run by :class:`AppTask` on the server's loop.
+
+    Phases: the app runs as soon as ``websocket.connect`` came; until it
+    accepts (or ends) nothing more is read. Once it accepted, :meth:`run`
+    reads ``receive()`` into the handle while the app keeps up, until
+    ``websocket.disconnect``; output (the accept, messages, the close) goes
+    to ``send()`` in order, from a task made only while there is some.
+    """
+
+    __slots__ = (
+        "_accepted_or_done",
+        "_aio",
+        "_app_done",
+        "_body",
+        "_error",
+        "_out",
+        "_resume",
+        "_send",
+        "_sender",
+        "headers",
+        "max_size",
+        "scope",
+        "status",
+    )
+
+    def __init__(
+        self, loop: AsyncioLoop, scope: Scope, send: Send, multithread: bool, max_size: int
+    ) -> None:
+        environ = _websocket_environ(scope, multithread)
+        super().__init__(loop, environ, own_input=environ["wsgi.input"])
+        environ[ASYNC_WEBSOCKET] = self.accept_websocket
+        self.scope = scope
+        self.max_size = max_size
+        self._send = send
+        self._aio = loop.aio
+        self.status: str | None = None
+        self.headers: list[tuple[bytes, bytes]] | None = None
+        #: The body of a response that refuses the WebSocket.
+        self._body: list[bytes] = []
+        self._error: BaseException | None = None
+        self._out: deque[tuple[Message, int]] = deque()
+        self._sender: asyncio.Task[None] | None = None
+        #: Set when the app took messages and reading may go on (made when needed).
+        self._resume: asyncio.Event | None = None
+        #: Done when the app accepted or ended, whichever came first.
+        self._accepted_or_done: asyncio.Future[None] = loop.aio.create_future()
+        #: Done when the app's iterable ended (or was closed).
+        self._app_done: asyncio.Future[None] = loop.aio.create_future()
+
+    # -- the app's side ----------------------------------------------------------------
+    def accept_websocket(
+        self, subprotocol: str | None = None, headers: Iterable[tuple[str, str]] = ()
+    ) -> AsgiWebSocket:
+        """``x-wsgiorg.async.websocket``: send ``websocket.accept``; the handle."""
+        return self.run_on_loop(functools.partial(self._accept, subprotocol, headers))
+
+    def _accept(self, subprotocol: str | None, headers: Iterable[tuple[str, str]]) -> AsgiWebSocket:
+        if self.ws is not None:
+            raise UsageError("the WebSocket was accepted already: accept it once per request")
+        if self.status is not None:
+            raise UsageError(
+                "start_response() was called before the WebSocket was accepted; an app "
+                "that accepts sends no response of its own (the server answers with 101)"
+            )
+        if self.done:
+            raise ClientGone("the client closed the connection before the WebSocket was accepted")
+        request = handshake.check_request(self.environ)
+        if subprotocol is not None and subprotocol not in request.subprotocols:
+            raise UsageError(
+                f"the client did not offer subprotocol {subprotocol!r} "
+                f"(it offered {list(request.subprotocols)})"
+            )
+        extra = check_websocket_headers(headers)
+        limits = Limits(max_message_size=self.max_size, ping_interval=None, ping_timeout=None)
+        ws = self.ws = AsgiWebSocket(self, limits, subprotocol)
+        self.queue(
+            {
+                "type": "websocket.accept",
+                "subprotocol": subprotocol,
+                "headers": [
+                    (name.lower().encode("latin-1"), value.encode("latin-1"))
+                    for name, value in extra
+                ],
+            },
+            0,
+        )
+        if not self._accepted_or_done.done():
+            self._accepted_or_done.set_result(None)
+        return ws
+
+    def start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
+    ) -> Callable[[bytes], None]:
+        if self.ws is not None:
+            raise self._misuse("start_response() was called")
+        if exc_info is not None:
+            exc_info = None  # nothing was sent before the app ends: it may replace it
+        elif self.status is not None:
+            raise ResponseError("start_response called a second time without exc_info")
+        check_status(status)
+        prepare_headers(headers)
+        self.status = status
+        self.headers = [
+            (name.lower().encode("latin-1"), value.encode("latin-1"))
+            for name, value in headers
+            if name.lower() not in HOP_BY_HOP
+        ]
+        return self.write
+
+    def write(self, data: bytes) -> None:
+        """The legacy ``write()`` callable of PEP 3333 (a refusal's body)."""
+        if self.ws is not None:
+            raise self._misuse("write() was called")
+        if self.status is None:
+            raise ResponseError("write() called before start_response()")
+        self._body.append(bytes(data))
+
+    def _misuse(self, what: str) -> ResponseError:
+        """Something tried to send HTTP on a WebSocket: fail it with 1011, say why."""
+        error = ResponseError(
+            f"{what} after the app accepted a WebSocket; middleware that does not know "
+            "x-wsgiorg.async.websocket must not add a response to it (WebSocket closed "
+            "with 1011)"
+        )
+        log.error("%s: %s", self.environ.get("PATH_INFO", "?"), error.args[0])
+        ws = self.ws
+        if ws is not None:
+            self.run_on_loop(functools.partial(ws.end, 1011, "internal error", True))
+        return error
+
+    # -- AppTask's hooks ---------------------------------------------------------------
+    def deliver(self, data: bytes) -> bool:
+        if self.ws is not None:
+            raise ResponseError(
+                f"the app's iterable gave {len(data)} bytes of body after the app "
+                "accepted a WebSocket; after accept it may only yield b'' (waits) "
+                "(WebSocket closed with 1011)"
+            )
+        if not isinstance(data, bytes):
+            raise ResponseError(f"the app yielded {type(data).__name__}, not bytes")
+        if self.status is None:
+            raise ResponseError("the app sent body data before calling start_response()")
+        self._body.append(bytes(data))
+        return True
+
+    def finished(self, error: BaseException | None) -> None:
+        self._error = error
+        ws = self.ws
+        if ws is not None:
+            code, reason = 1000, ""
+            if isinstance(error, ClientGone):
+                log.debug("WebSocket app for %s ended: %s", self.environ.get("PATH_INFO"), error)
+            elif error is not None:
+                code, reason = 1011, "internal error"
+                log.error(
+                    "Error in WebSocket app for %s\n%s",
+                    self.environ.get("PATH_INFO") if self.environ else "?",
+                    "".join(traceback.format_exception(error)),
+                )
+            ws._ended = True  # nothing to tell an app that has ended
+            ws.end(code, reason, failed=False)
+            self.resume_reading()  # the loop in run() waits for the disconnect
+        if not self._accepted_or_done.done():
+            self._accepted_or_done.set_result(None)
+        if not self._app_done.done():
+            self._app_done.set_result(None)
+
+    # -- output --------------------------------------------------------------------------
+    def queue(self, event: Message, size: int) -> None:
+        """Send ``event`` after those queued before it (``size``: bytes it adds to buffered)."""
+        self._out.append((event, size))
+        sender = self._sender
+        if sender is None or sender.done():
+            self._sender = self._aio.create_task(self._pump())
+
+    async def _pump(self) -> None:
+        out = self._out
+        send = self._send
+        while out:
+            event, size = out.popleft()
+            try:
+                await send(event)
+            except Exception as error:  # the ASGI server lost the client
+                log.debug("WebSocket send failed: %r", error)
+                out.clear()
+                ws = self.ws
+                if ws is not None:
+                    ws.buffered = 0
+                    ws.disconnected(1006, "")
+                    self.resume_reading()
+                return
+            ws = self.ws
+            if size and ws is not None:
+                ws.buffered -= size
+                ws.wake()  # a writable wait, once under the high-water mark
+
+    def resume_reading(self) -> None:
+        if self._resume is not None:
+            self._resume.set()
+
+    # -- the connection ----------------------------------------------------------------
+    async def run(self, app: WSGIApp, pool: ThreadPool | None, receive: Receive) -> None:
+        message = await receive()
+        if message["type"] != "websocket.connect":
+            return  # the client left before the handshake reached the app
+        try:
+            if pool is not None and not is_nonblocking(app):
+                self.start_in_thread(
+                    functools.partial(app, self.environ, self.start_response), pool
+                )
+            else:
+                self._run_inline(app)
+            await self._accepted_or_done
+            ws = self.ws
+            if ws is None:
+                await self._refuse()
+                return
+            inbox = ws.inbox
+            while True:
+                if not inbox.wants_data() and inbox.state != "closed" and not self.done:
+                    # The app lags: stop asking, and the peer waits in flow control.
+                    resume = self._resume
+                    if resume is None:
+                        resume = self._resume = asyncio.Event()
+                    resume.clear()
+                    await resume.wait()
+                    continue
+                if inbox.state == "closed" and self.done:
+                    break  # a send failed: nothing more will come
+                message = await receive()
+                kind = message["type"]
+                if kind == "websocket.receive":
+                    ws.received(message)
+                elif kind == "websocket.disconnect":
+                    ws.disconnected(int(message.get("code") or 1005), message.get("reason") or "")
+                    break
+            # The app was told (its wait decided, or its iterable closed): it
+            # runs to its end, which may clean up with more waits of its own.
+            await self._app_done
+            sender = self._sender
+            if sender is not None and not sender.done():
+                await sender  # the close frame goes before the app returns
+        finally:
+            if not self.done:
+                self.close()
+            sender = self._sender
+            if sender is not None and not sender.done():
+                sender.cancel()
+            self.environ = None  # type: ignore[assignment]
+            self.own_input = self.result = self.iterable = None
+
+    async def _refuse(self) -> None:
+        """The app ended without accepting: its response if the server can send one."""
+        error = self._error
+        status, headers, body = self.status, self.headers, b"".join(self._body)
+        if error is not None and not isinstance(error, ClientGone):
+            log.error(
+                "Error in app for WebSocket %s\n%s",
+                self.environ.get("PATH_INFO"),
+                "".join(traceback.format_exception(error)),
+            )
+            (start, last) = _error_message(500, "Internal Server Error")
+            status, headers, body = "500", start["headers"], last["body"]
+        if status is not None and "websocket.http.response" in (self.scope.get("extensions") or {}):
+            await self._send(
+                {
+                    "type": "websocket.http.response.start",
+                    "status": int(status[:3]),
+                    "headers": headers or [],
+                }
+            )
+            await self._send({"type": "websocket.http.response.body", "body": body})
+        else:
+            # The server answers 403 (ASGI: a close before the accept).
+            await self._send({"type": "websocket.close", "code": 1000})
+
+    def _run_inline(self, app: WSGIApp) -> None:
+        try:
+            result = app(self.environ, self.start_response)
+        except Exception as error:
+            self.done = True
+            self.finished(error)
+            return
+        self.result = result
+        try:
+            self.iterable = result if result.__class__ is Driver else iter(result)
+        except Exception as error:
+            self.done = True
+            self.finished(close_app(result, error))
+            return
+        self.step()
+
+
+class _Bridge:
+    __slots__ = ("_loop", "_pool", "app", "threads", "ws_max_message_size")
+
+    def __init__(self, app: WSGIApp, threads: int, ws_max_message_size: int) -> None:
         self.app = app
         self.threads = threads
+        self.ws_max_message_size = ws_max_message_size
         self._loop: AsyncioLoop | None = None
         self._pool: ThreadPool | None = None
 
@@ -579,8 +1113,11 @@ class _Bridge:
         elif kind == "lifespan":
             await self._lifespan(receive, send)
         elif kind == "websocket":
-            # Refused before the handshake completes (the server answers 403).
-            await send({"type": "websocket.close", "code": 1000})
+            loop, pool = self._host()
+            ws_exchange = _WebSocketExchange(
+                loop, scope, send, pool is not None, self.ws_max_message_size
+            )
+            await ws_exchange.run(self.app, pool, receive)
         else:
             raise ValueError(f"asyncapp.asgi: unknown ASGI scope type {kind!r}")
 
@@ -597,11 +1134,17 @@ class _Bridge:
                 return
 
 
-def to_asgi(app: WSGIApp, *, threads: int = THREADS) -> Callable[..., Awaitable[None]]:
+def to_asgi(
+    app: WSGIApp, *, threads: int = THREADS, ws_max_message_size: int = WS_MAX_MESSAGE_SIZE
+) -> Callable[..., Awaitable[None]]:
     """An ASGI 3 application that runs the WSGI ``app``.
 
     ``threads`` is the size of the pool plain apps run on; ``0`` runs every
     app on the ASGI server's loop (only for apps that never block).
+    ``ws_max_message_size``: the largest WebSocket message the app is handed
+    (bytes; larger closes the WebSocket with 1009), as the bundled server's
+    ``ws_max_message_size``. WebSocket requests offer
+    ``x-wsgiorg.async.websocket``, so ``asyncapp.websocket.accept`` works.
 
     .. code-block:: python
 
@@ -612,4 +1155,6 @@ def to_asgi(app: WSGIApp, *, threads: int = THREADS) -> Callable[..., Awaitable[
     """
     if threads < 0:
         raise ValueError(f"threads must be 0 or more, not {threads}")
-    return _Bridge(app, threads)
+    if ws_max_message_size < 1:
+        raise ValueError(f"ws_max_message_size must be 1 or more, not {ws_max_message_size}")
+    return _Bridge(app, threads, ws_max_message_size)

@@ -194,7 +194,12 @@ _WS_RESERVED: Final = frozenset(
 
 def _websocket_headers(headers: Iterable[tuple[str, str]]) -> str:
     """An app's extra fields for a 101 (a Set-Cookie, say), checked and serialised."""
-    lines = []
+    return "".join(f"{name}: {value}\r\n" for name, value in check_websocket_headers(headers))
+
+
+def check_websocket_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """An app's extra fields for a 101, checked (UsageError): every host judges them alike."""
+    pairs = []
     for item in headers:
         if not (isinstance(item, tuple) and len(item) == 2):
             raise UsageError(f"header {item!r} is not a (name, value) tuple")
@@ -205,8 +210,8 @@ def _websocket_headers(headers: Iterable[tuple[str, str]]) -> str:
             raise UsageError(str(error)) from None
         if name.lower() in _WS_RESERVED:
             raise UsageError(f"the server sets {name} in a 101 itself")
-        lines.append(f"{name}: {value}\r\n")
-    return "".join(lines)
+        pairs.append((name, value))
+    return pairs
 
 
 def _read_blocking(reader: BodyReader, size: int, timeout: float) -> bytes:

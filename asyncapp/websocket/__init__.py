@@ -24,8 +24,9 @@ to fall back to long polling. :func:`is_upgrade` tells a WebSocket request
 from an ordinary one, so one URL can serve both.
 
 WebSockets run where the host offers ``x-wsgiorg.async.websocket``
-(``docs/protocol.md`` 3.8): asyncapp's server (``asyncapp serve``) and
-``gunicorn -k asyncapp.gunicorn.Worker``.
+(``docs/protocol.md`` 3.8): asyncapp's server (``asyncapp serve``),
+``gunicorn -k asyncapp.gunicorn.Worker``, and ASGI servers (uvicorn,
+hypercorn) through :func:`asyncapp.asgi.to_asgi` (``docs/websocket.md``).
 """
 
 from __future__ import annotations
@@ -160,7 +161,8 @@ def _accept(
         raise WebSocketUnavailable(
             "this server cannot carry WebSockets for a WSGI app (its environ has no "
             f"{ASYNC_WEBSOCKET}): serve the app with asyncapp's server (asyncapp serve) "
-            "or gunicorn -k asyncapp.gunicorn.Worker, or catch "
+            "gunicorn -k asyncapp.gunicorn.Worker or asyncapp.asgi.to_asgi on uvicorn or "
+            "hypercorn, or catch "
             "asyncapp.websocket.WebSocketUnavailable and fall back to long polling"
         )
     subprotocol = choose_subprotocol(request.subprotocols, subprotocols)
