@@ -28,7 +28,7 @@ from asyncapp import green, protocol, sse, web, websocket
 from asyncapp.app.channel import Channel, CursorExpired, Event, Message
 from asyncapp.app.coroutine import coroutine
 from asyncapp.app.hosts import host_kind
-from asyncapp.app.ops import Op, read, readable, sleep, writable
+from asyncapp.app.ops import Op, first, read, readable, sleep, writable
 from asyncapp.errors import AsyncappError, ClientGone, Timeout, UsageError
 from asyncapp.protocol import nonblocking
 
@@ -64,6 +64,7 @@ __all__ = [
     "UsageError",
     "__version__",
     "coroutine",
+    "first",
     "green",
     "host_kind",
     "nonblocking",

@@ -33,8 +33,9 @@ __all__ = [
 
 #: The revision of ``x-wsgiorg.async`` that asyncapp speaks (major, minor).
 #: A host advertises it under :data:`ASYNC_VERSION`; apps accept any 1.x.
-#: 1.1 added :data:`ASYNC_WEBSOCKET`.
-VERSION: Final = (1, 1)
+#: 1.1 added :data:`ASYNC_WEBSOCKET`; 1.2, several waits per yield
+#: (docs/protocol.md 3.5), which :func:`asyncapp.first` uses.
+VERSION: Final = (1, 2)
 
 #: Environ key of the version tuple an ``x-wsgiorg.async`` host speaks.
 ASYNC_VERSION: Final = "x-wsgiorg.async.version"

@@ -27,8 +27,15 @@ HTTP API (the page uses nothing else):
     at most 60) with no messages and ``M == N``. A cursor the room cannot
     answer for (too old, or from before a restart) gets the current cursor,
     no messages and ``"reset": true``.
+``GET /ws?cursor=N`` (a WebSocket)
+    the same room both ways: the server sends each answer a poll would give
+    (``{"cursor", "messages"[, "reset"]}``) as soon as there is one; the
+    client sends ``{"name", "message"}`` as text, and gets ``{"error": ...}``
+    back for one that is refused. Where the server cannot carry WebSockets
+    it answers ``501`` and the page long-polls instead.
 ``GET /``
-    the page: it polls in a loop with its cursor and posts the form.
+    the page: over the WebSocket when it can, else it polls in a loop with
+    its cursor and posts the form.
 
 Bad input gets a 4xx with a one-line text body.
 """
@@ -182,6 +189,67 @@ async def poll(environ: WSGIEnvironment, start_response: StartResponse) -> Async
     yield reply(start_response, "200 OK", body, "application/json", [("Cache-Control", "no-store")])
 
 
+# -- the WebSocket -------------------------------------------------------------
+
+
+def socket_message(text: str | bytes) -> tuple[str, str]:
+    """The name and message a client sent over the WebSocket, or a Refusal."""
+    try:
+        sent = json.loads(text)
+        name, message = sent.get("name", ""), sent["message"]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise Refusal("400 Bad Request", 'send {"name": ..., "message": ...}') from None
+    if not isinstance(name, str) or not isinstance(message, str):
+        raise Refusal("400 Bad Request", "the name and message must be strings")
+    return check_message(name, message)
+
+
+def answer(messages: list[asyncapp.Message], cursor: int) -> str:
+    """What the WebSocket sends, as a poll would answer: the messages after ``cursor``."""
+    return json.dumps(
+        {
+            "cursor": messages[-1].id if messages else cursor,
+            "messages": [{**m.data, "id": m.id} for m in messages],
+        }
+    )
+
+
+@asyncapp.coroutine
+async def socket(environ: WSGIEnvironment, start_response: StartResponse) -> AsyncIterator[bytes]:
+    """GET /ws: the room over a WebSocket, for as long as the client stays."""
+    try:
+        cursor, _ = poll_arguments(environ)
+        ws = await asyncapp.websocket.accept(environ)
+    except Refusal as refusal:
+        yield refuse(start_response, refusal)
+        return
+    except asyncapp.websocket.WebSocketUnavailable:
+        # A server without WebSockets: the page takes the 501 as its cue to
+        # fall back to long polling.
+        yield refuse(start_response, Refusal("501 Not Implemented", "no WebSockets here"))
+        return
+    while True:
+        # Two things to listen to at once: the client and the room.
+        try:
+            index, result = await asyncapp.first(environ, ws.receive(), ROOM.wait(environ, cursor))
+        except asyncapp.CursorExpired as expired:
+            cursor = expired.latest
+            await ws.send(json.dumps({"cursor": cursor, "messages": [], "reset": True}))
+            continue
+        if index == 1:
+            await ws.send(answer(result, cursor))
+            cursor = result[-1].id
+        elif result is None:
+            return  # the client left
+        else:
+            try:
+                name, message = socket_message(result)
+            except Refusal as refusal:
+                await ws.send(json.dumps({"error": refusal.reason}))
+            else:
+                ROOM.publish({"name": name, "message": message})
+
+
 # -- the page -------------------------------------------------------------------
 
 
@@ -282,6 +350,14 @@ async function pollForever() {
 
 form.addEventListener("submit", async (event) => {
   event.preventDefault();
+  if (socket !== null) {
+    // The message comes back over the socket, like everyone else's.
+    socket.send(JSON.stringify({name: nameInput.value, message: messageInput.value}));
+    messageInput.value = "";
+    notice.textContent = "";
+    messageInput.focus();
+    return;
+  }
   const body = new URLSearchParams({name: nameInput.value, message: messageInput.value});
   try {
     const response = await fetch("send", {method: "POST", body});
@@ -296,7 +372,53 @@ form.addEventListener("submit", async (event) => {
   messageInput.focus();
 });
 
-pollForever();
+// Over a WebSocket when the browser and the server can: the same answers
+// as the polls, from the same cursor, so a reconnect misses nothing and
+// shows nothing twice. A socket that never opens (no WebSocket in the
+// browser, a server that answers 501, a proxy that refuses) means long
+// polling for the rest of the visit.
+let socket = null;
+
+function connect(retryDelay) {
+  if (!window.WebSocket) {
+    pollForever();
+    return;
+  }
+  const url = new URL(`ws?cursor=${cursor}`, location.href);
+  url.protocol = url.protocol.endsWith("s:") ? "wss:" : "ws:";
+  const ws = new WebSocket(url);
+  let opened = false;
+  ws.onopen = () => {
+    opened = true;
+    socket = ws;
+    retryDelay = 1000;
+    statusText.textContent = "connected";
+  };
+  ws.onmessage = (event) => {
+    const answer = JSON.parse(event.data);
+    if (answer.error) {
+      notice.textContent = `not sent: ${answer.error}`;
+      return;
+    }
+    if (answer.reset) {
+      list.replaceChildren();
+    }
+    answer.messages.forEach(show);
+    cursor = answer.cursor;
+    statusText.textContent = "connected";
+  };
+  ws.onclose = () => {
+    socket = null;
+    if (!opened) {
+      pollForever();
+      return;
+    }
+    statusText.textContent = "reconnecting...";
+    setTimeout(() => connect(Math.min(2 * retryDelay, 30000)), retryDelay);
+  };
+}
+
+connect(1000);
 </script>
 </body>
 </html>
@@ -325,6 +447,11 @@ def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[byt
         headers = [("Allow", ", ".join(allowed))]
         return [reply(start_response, "405 Method Not Allowed", body, headers=headers)]
     return handler(environ, start_response)
+
+
+# Added apart from the routes above, which the tutorial's step 5 shows as
+# they were before the WebSocket came in.
+ROUTES["/ws"] = ("GET", socket)
 
 
 if __name__ == "__main__":

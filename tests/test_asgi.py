@@ -23,6 +23,7 @@ import pytest
 from engine_process import serving
 from server_client import Client, request_bytes
 
+import asyncapp.protocol
 from asyncapp.engines.asgi import _environ
 
 pytestmark = pytest.mark.timeout(60)
@@ -73,7 +74,7 @@ def test_hello_and_environ(server: tuple[str, int]) -> None:
     info = json.loads(response.body)
     assert info["PATH_INFO"] == "/info" and info["QUERY_STRING"] == "a=1"
     assert info["REMOTE_ADDR"] == "127.0.0.1"
-    assert info["x-wsgiorg.async.version"] == [1, 1]
+    assert info["x-wsgiorg.async.version"] == list(asyncapp.protocol.VERSION)
     assert ask(port, "/missing").status == 404
 
 

@@ -265,7 +265,12 @@ class AccessLog:
         return self.wait_for(page, "GET", f"/poll?cursor={cursor}&timeout=25")
 
 
-def _open_chat(browser: Any, url: str, name: str, errors: list[str]) -> Any:
+#: Run before the page's own script: a browser without WebSocket, so the
+#: chat takes its long-polling fallback.
+NO_WEBSOCKET = "delete window.WebSocket;"
+
+
+def _open_chat(browser: Any, url: str, name: str, errors: list[str], websocket: bool = True) -> Any:
     """A page in a browser context of its own (own connections), connected."""
     from playwright.sync_api import expect
 
@@ -274,6 +279,8 @@ def _open_chat(browser: Any, url: str, name: str, errors: list[str]) -> Any:
     )
     context.set_default_timeout(WAIT_MS)
     context.set_default_navigation_timeout(WAIT_MS)
+    if not websocket:
+        context.add_init_script(NO_WEBSOCKET)
     page = context.new_page()
     page.on("pageerror", lambda error: errors.append(f"{name}: {error}"))
     page.goto(url)
@@ -317,7 +324,9 @@ def test_chat_in_two_browser_pages_on_four_gunicorn_workers_with_redis(tmp_path:
         url = f"http://127.0.0.1:{master.port}/"
         pages: dict[str, Any] = {}
         try:
-            pages["one"] = _open_chat(browser, url, "one", page_errors)
+            # Long polling (the fallback): the access log tells which worker
+            # holds each poll, which a WebSocket's entry (at its end) would not.
+            pages["one"] = _open_chat(browser, url, "one", page_errors, websocket=False)
             first = access.wait_for("one", "GET", "/poll?cursor=0&timeout=0")
             # Which worker accepts a connection is the kernel's choice, and
             # it tends to be the one that just served: page one's worker is
@@ -325,7 +334,7 @@ def test_chat_in_two_browser_pages_on_four_gunicorn_workers_with_redis(tmp_path:
             # two's connections. It resumes before any message is sent.
             os.kill(first, signal.SIGSTOP)
             try:
-                pages["two"] = _open_chat(browser, url, "two", page_errors)
+                pages["two"] = _open_chat(browser, url, "two", page_errors, websocket=False)
             finally:
                 os.kill(first, signal.SIGCONT)
             second = access.wait_for("two", "GET", "/poll?cursor=0&timeout=0")

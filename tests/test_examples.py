@@ -773,6 +773,70 @@ def test_chat_long_poll_returns_on_publish(chat_server: tuple[int, Parked]) -> N
     assert elapsed < 10  # woken by the publish, long before the 20 s timeout
 
 
+def ws_answer(ws: Any) -> Any:
+    return json.loads(ws.recv(timeout=5))
+
+
+def said(name: str, message: str, id: int) -> dict[str, Any]:
+    return {"name": name, "message": message, "id": id}
+
+
+def test_chat_websocket_and_long_poll_share_the_room(chat_server: tuple[int, Parked]) -> None:
+    """A WebSocket client and a long-poll client see each other's messages."""
+    from websockets.sync.client import connect
+
+    port, parked = chat_server
+    assert post_form(port, "/send", name="ann", message="before").status == 204
+    with connect(f"ws://127.0.0.1:{port}/ws?cursor=0", open_timeout=5) as ws:
+        # The history first, as a poll from the same cursor would answer.
+        assert ws_answer(ws) == {"cursor": 1, "messages": [said("ann", "before", 1)]}
+        poll = Pending(port, "GET", "/poll?cursor=1&timeout=20")
+        parked.wait_for(1)  # the poll found nothing and waits
+        ws.send(json.dumps({"name": "bo", "message": "from the socket"}))
+        expected = {"cursor": 2, "messages": [said("bo", "from the socket", 2)]}
+        assert poll.response().json() == expected
+        assert ws_answer(ws) == expected  # the socket's own message, through the room
+        assert post_form(port, "/send", name="cy", message="from a form").status == 204
+        assert ws_answer(ws) == {"cursor": 3, "messages": [said("cy", "from a form", 3)]}
+        ws.send("not json")
+        assert ws_answer(ws) == {"error": 'send {"name": ..., "message": ...}'}
+        ws.send(json.dumps({"message": " "}))
+        assert ws_answer(ws) == {"error": "the message is empty"}
+    # Reconnecting from the last cursor seen: only what came after it.
+    assert post_form(port, "/send", name="di", message="while away").status == 204
+    with connect(f"ws://127.0.0.1:{port}/ws?cursor=3", open_timeout=5) as ws:
+        assert ws_answer(ws) == {"cursor": 4, "messages": [said("di", "while away", 4)]}
+    assert fetch(port, "GET", "/poll?cursor=0&timeout=0").json()["cursor"] == 4
+
+
+def test_chat_websocket_cursor_from_before_a_restart_is_reset(
+    chat_server: tuple[int, Parked],
+) -> None:
+    from websockets.sync.client import connect
+
+    port, _ = chat_server
+    assert post_form(port, "/send", message="now").status == 204
+    with connect(f"ws://127.0.0.1:{port}/ws?cursor=99", open_timeout=5) as ws:
+        assert ws_answer(ws) == {"cursor": 1, "messages": [], "reset": True}
+
+
+def test_chat_websocket_where_the_server_has_none_answers_501(room: asyncapp.Channel) -> None:
+    """wsgiref cannot carry a WebSocket: a 501 sends the page to long polling."""
+    environ = EnvironBuilder(
+        path="/ws",
+        headers={
+            "Connection": "Upgrade",
+            "Upgrade": "websocket",
+            "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        },
+    ).get_environ()
+    statuses: list[str] = []
+    body = b"".join(chat.app(environ, lambda status, headers: statuses.append(status)))  # type: ignore[arg-type,func-returns-value]
+    assert statuses == ["501 Not Implemented"]
+    assert body == b"no WebSockets here\n"
+
+
 def test_chat_long_poll_times_out_empty(chat_server: tuple[int, Parked]) -> None:
     port, _ = chat_server
     assert post_form(port, "/send", message="old news").status == 204
@@ -1517,7 +1581,7 @@ def test_tutorial_code_is_the_final_chat() -> None:
         assert block in source, block
     # ... and together they show every definition in it but the page's text.
     shown = ast.parse(
-        "\n".join(b for b in blocks if not b.startswith(("function", "async f", "form")))
+        "\n".join(b for b in blocks if not b.startswith(("function", "async f", "form", "//")))
     )
     assert _definitions(ast.parse(source)) - {"PAGE"} == _definitions(shown)
 

@@ -38,6 +38,7 @@ import pytest
 from gunicorn.config import KNOWN_SETTINGS
 from gunicorn.config import Config as GunicornConfig
 
+import asyncapp.protocol
 from asyncapp.engines.gunicorn import UNLIMITED, server_config, shutdown_grace
 from tests.gunicorn_apps import EVENTS_FD, FAIL, RELEASE_FD
 
@@ -368,7 +369,7 @@ def test_both_extensions_offered(shared: Master) -> None:
     status, _, body = request(shared.port, "/env")
     assert status == 200
     env = json.loads(body)
-    assert env["async"] == [1, 1]
+    assert env["async"] == list(asyncapp.protocol.VERSION)
     assert env["fdevent"] is True
     assert env["multiprocess"] is True  # two workers
     assert env["multithread"] is True  # plain apps run on the pool

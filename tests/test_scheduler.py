@@ -387,7 +387,7 @@ def wait_decided(loop: Loop, handle: WaitHandle, timeout: float = 5.0) -> float:
 
 def test_extensions_are_offered_as_asked(loop: Loop) -> None:
     both = Task(loop).environ
-    assert both[ASYNC_VERSION] == (1, 1)
+    assert both[ASYNC_VERSION] == (1, 2)
     assert {ASYNC_INPUT, ASYNC_READABLE, ASYNC_WRITABLE, FDEVENT_READABLE} <= set(both)
     assert isinstance(both[FDEVENT_TIMEOUT], TimeoutFlag)
     only_async = Task(loop, extensions=("async",)).environ
@@ -497,15 +497,20 @@ def test_wait_handle_cancel(loop: Loop, fds: Fds) -> None:
     assert second.status == "ready"
 
 
-def test_second_wait_before_yielding_is_refused(loop: Loop, fds: Fds) -> None:
+def test_several_waits_before_yielding_are_decided_by_the_first(loop: Loop, fds: Fds) -> None:
     r, w = fds.pipe()
+    r2, _ = fds.pipe()
     environ = Task(loop).environ
-    first = environ[ASYNC_READABLE](r, 0.05)
-    with pytest.raises(asyncapp.UsageError, match="second wait"):
-        environ[ASYNC_WRITABLE](w, 5)
-    wait_decided(loop, first)
-    assert first.status == "timeout"
+    slow = environ[ASYNC_READABLE](r2, 5)
+    quick = environ[ASYNC_READABLE](r, 5)
+    timer = environ[ASYNC_READABLE](None, 5)
+    os.write(w, b"x")
+    wait_decided(loop, quick)
+    # The first decided wins; the host withdrew the others at once, fds and
+    # timers included, so they can never resume the app a second time.
+    assert (slow.status, quick.status, timer.status) == ("cancelled", "ready", "cancelled")
     assert_nothing_registered(loop)
+    assert live_timers(loop) == []
 
 
 def test_a_refused_wait_leaves_nothing_behind(loop: Loop, fds: Fds) -> None:
@@ -634,7 +639,7 @@ def test_fdevent_accepts_several_waiters_on_one_fd(loop: Loop, fds: Fds) -> None
     assert loop.watched_fds == 1
     os.write(w, b"x")
     run_until(loop, lambda: loop.watched_fds == 0)
-    assert all(t.task._handle.status == "ready" for t in tasks)  # type: ignore[union-attr]
+    assert all(t.task._decided.status == "ready" for t in tasks)  # type: ignore[union-attr]
     assert [bool(t.environ[FDEVENT_TIMEOUT]) for t in tasks] == [False] * 3
 
 
@@ -683,7 +688,7 @@ def test_uwsgi_quirks(loop: Loop, fds: Fds) -> None:
     os.write(w, b"x")
     environ[FDEVENT_READABLE](r, 1)
     run_until(loop, lambda: environ[FDEVENT_TIMEOUT] is None)
-    assert t.task._handle.status == "ready"  # type: ignore[union-attr]
+    assert t.task._decided.status == "ready"  # type: ignore[union-attr]
 
 
 # -- other threads -------------------------------------------------------------

@@ -20,13 +20,14 @@ There are three hosts, picked per operation from the environ the app passes:
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import math
 import os
 import select
 import threading
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from typing import Any, Final, Literal
 
 from werkzeug.wsgi import LimitedStream, get_content_length
@@ -46,7 +47,7 @@ from asyncapp.protocol import (
     WaitHandle,
 )
 
-__all__ = ["host_kind", "read", "sleep", "wait"]
+__all__ = ["first", "host_kind", "read", "sleep", "wait"]
 
 HostKind = Literal["async", "fdevent", "blocking"]
 Environ = dict[str, Any]
@@ -156,6 +157,26 @@ def _resolve(environ: Environ, fd: Any) -> Any:
     return _READY_NOW
 
 
+class _SliceOver(Exception):
+    """A wait inside :func:`first` ran out of its slice (hosts with one wait per yield)."""
+
+
+#: The longest a wait may last, set by :func:`first` on hosts that take one
+#: wait per yield while it steps one of its operations (and only then: it is
+#: never left set across a yield, where other requests of the thread run).
+_SLICE: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "asyncapp_first_slice", default=None
+)
+
+
+def _sliced(timeout: float | None) -> tuple[float | None, bool]:
+    """The timeout capped by :data:`_SLICE`, and whether the cap applied."""
+    cap = _SLICE.get()
+    if cap is not None and (timeout is None or timeout > cap):
+        return cap, True
+    return timeout, False
+
+
 def wait(environ: Environ, fd: FdLike, write: bool, timeout: float | None) -> Steps:
     """Wait until ``fd`` is readable (or writable); return False on timeout.
 
@@ -170,12 +191,24 @@ def wait(environ: Environ, fd: FdLike, write: bool, timeout: float | None) -> St
     kind = host_kind(environ)
     if kind == "async":
         return _AsyncWait(environ, target, write, timeout)
+    timeout, sliced = _sliced(timeout)
     if kind == "fdevent":
-        return _fdevent_wait(environ, _fileno(target), write, timeout)
+        steps = _fdevent_wait(environ, _fileno(target), write, timeout)
+        return _slice_steps(steps) if sliced else steps
     if gevent.running_in_hub_greenlet():
         # Watching the request's connection too: a client that leaves ends the app.
-        return _returning(gevent.wait_fd(_fileno(target), write, timeout, environ))
-    return _returning(poll(_fileno(target), write, timeout))
+        ready = gevent.wait_fd(_fileno(target), write, timeout, environ)
+    else:
+        ready = poll(_fileno(target), write, timeout)
+    if sliced and not ready:
+        raise _SliceOver
+    return _returning(ready)
+
+
+def _slice_steps(steps: Steps) -> Steps:
+    if not (yield from steps):
+        raise _SliceOver
+    return True
 
 
 def _returning(value: bool) -> Steps:
@@ -192,13 +225,14 @@ class _AsyncWait(Generator[bytes, None, bool]):
     where a suspended generator would hold a whole frame (a quarter KB).
     """
 
-    __slots__ = ("deadline", "environ", "handle", "target", "timeout", "write")
+    __slots__ = ("deadline", "environ", "handle", "sliced", "target", "timeout", "write")
 
     def __init__(self, environ: Environ, target: Any, write: bool, timeout: float | None) -> None:
         self.environ: Environ | None = environ
         self.target = target
         self.write = write
-        self.timeout = timeout
+        # Inside first() on a host that takes one wait per yield: a slice.
+        self.timeout, self.sliced = _sliced(timeout)
         self.deadline: float | None = None
         self.handle: WaitHandle | None = None
 
@@ -223,6 +257,8 @@ class _AsyncWait(Generator[bytes, None, bool]):
         if status == "ready":
             raise StopIteration(True)
         if status == "timeout":
+            if self.sliced:
+                raise _SliceOver
             raise StopIteration(False)
         if status == "error":
             raise handle.error or OSError(errno.EBADF, "wait failed")
@@ -423,3 +459,98 @@ def read(environ: Environ, size: int, timeout: float | None, inp: Any = None) ->
         ready = yield from _AsyncWait(environ, reader, False, _remaining(deadline))
         if not ready:
             raise Timeout(f"no request body arrived within {timeout} seconds")
+
+
+#: How long :func:`first` lets each operation wait in turn on hosts that take
+#: one wait per yield: short enough to answer within a fraction of a second,
+#: long enough that alternating costs little CPU (uWSGI rounds it up to 1 s).
+FIRST_SLICE: Final = 0.1
+
+#: A timer for :func:`first` without a timeout: it must still arm one (see there).
+_FOREVER: Final = 365 * 86400.0
+
+
+def _several_waits(environ: Environ) -> bool:
+    """Whether the host takes several waits per yield (x-wsgiorg.async 1.2)."""
+    return host_kind(environ) == "async" and tuple(environ[ASYNC_VERSION]) >= (1, 2)
+
+
+def first(environ: Environ, ops: Sequence[Any], timeout: float | None) -> Steps:
+    """Carry out ``ops`` at once; ``(index, result)`` of the first that finishes.
+
+    On an ``x-wsgiorg.async`` 1.2 host every op asks for its wait, and one
+    ``b""`` suspends on all of them (docs/protocol.md 3.5). Each time the
+    app is resumed every op is closed (cancelling its wait) and started
+    afresh: an op checks before it waits, so the one whose wait was decided
+    finishes at once, and the others wait again. Elsewhere the ops take
+    turns, each waiting at most :data:`FIRST_SLICE` seconds.
+    """
+    if not ops:
+        raise UsageError("first() needs at least one operation")
+    if timeout is not None and not timeout >= 0:
+        raise UsageError(f"timeout must be None or >= 0 seconds, not {timeout!r}")
+    if _several_waits(environ):
+        return _first_together(environ, ops, timeout)
+    return _first_in_turn(ops, timeout)
+
+
+def _first_together(environ: Environ, ops: Sequence[Any], timeout: float | None) -> Steps:
+    deadline = _deadline(timeout)
+    while True:
+        started: list[Steps] = []
+        try:
+            for index, op in enumerate(ops):
+                steps = op.perform()
+                started.append(steps)
+                try:
+                    steps.send(None)  # it asked for its wait and gives its b""
+                except StopIteration as stop:
+                    return index, stop.value
+            # Also the witness that the b"" reached the host: the host settles
+            # every wait of the yield when it resumes the app, so a timer still
+            # pending then means middleware drained the iterable (4.6).
+            left = _remaining(deadline)
+            timer: WaitHandle = environ[ASYNC_READABLE](None, _FOREVER if left is None else left)
+            try:
+                yield b""
+            except BaseException:
+                timer.cancel()
+                raise
+            status = timer.status
+            timer.cancel()
+            if status == "timeout":
+                raise Timeout(f"none of the operations finished within {timeout} seconds")
+            if status == "pending":
+                raise UsageError(
+                    "a middleware consumed the app's iterable instead of passing on its "
+                    "b'' (docs/protocol.md 4.6): asyncapp.first cannot wait that way"
+                )
+        finally:
+            for steps in started:
+                steps.close()
+
+
+def _first_in_turn(ops: Sequence[Any], timeout: float | None) -> Steps:
+    deadline = _deadline(timeout)
+    while True:
+        for index, op in enumerate(ops):
+            left = _remaining(deadline)
+            if left is not None and left <= 0:
+                raise Timeout(f"none of the operations finished within {timeout} seconds")
+            steps = op.perform()
+            try:
+                while True:
+                    # The slice is set only while the op runs, never across
+                    # the yield, where other requests of this thread run.
+                    token = _SLICE.set(FIRST_SLICE if left is None else min(FIRST_SLICE, left))
+                    try:
+                        out = steps.send(None)
+                    finally:
+                        _SLICE.reset(token)
+                    yield out
+            except StopIteration as stop:
+                return index, stop.value
+            except _SliceOver:
+                continue
+            finally:
+                steps.close()

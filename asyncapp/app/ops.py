@@ -9,13 +9,25 @@ lives in :mod:`asyncapp.app.hosts`.
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from typing import Any, Generic, TypeVar
 
 from asyncapp.app import hosts
 from asyncapp.protocol import FdLike
 
-__all__ = ["Op", "Read", "Readable", "Sleep", "Writable", "read", "readable", "sleep", "writable"]
+__all__ = [
+    "First",
+    "Op",
+    "Read",
+    "Readable",
+    "Sleep",
+    "Writable",
+    "first",
+    "read",
+    "readable",
+    "sleep",
+    "writable",
+]
 
 T = TypeVar("T")
 Environ = dict[str, Any]
@@ -138,6 +150,23 @@ class Sleep(Op[None]):
         return f"<asyncapp.sleep {self.seconds}s>"
 
 
+class First(Op[tuple[int, Any]]):
+    """:func:`asyncapp.first`'s operation: the first of several to finish."""
+
+    __slots__ = ("environ", "ops", "timeout")
+
+    def __init__(self, environ: Environ, ops: Sequence[Op[Any]], timeout: float | None) -> None:
+        self.environ = environ
+        self.ops = ops
+        self.timeout = timeout
+
+    def perform(self) -> Generator[bytes, None, tuple[int, Any]]:
+        return hosts.first(self.environ, self.ops, self.timeout)
+
+    def __repr__(self) -> str:
+        return f"<asyncapp.first of {len(self.ops)} timeout={self.timeout}>"
+
+
 def read(environ: Environ, size: int, timeout: float | None = None) -> Read:
     """Read up to ``size`` bytes of the request body, like ``socket.recv``.
 
@@ -201,3 +230,41 @@ def sleep(environ: Environ, seconds: float) -> Sleep:
     On uWSGI, whose fdevent timeouts are whole seconds, sleeps are rounded up.
     """
     return Sleep(environ, seconds)
+
+
+def first(environ: Environ, *ops: Op[Any], timeout: float | None = None) -> First:
+    """Wait for several operations at once; ``(index, result)`` of the first done.
+
+    For an app with two things to listen to, such as a WebSocket chat that
+    waits for its client's next message and for the room's:
+
+    .. code-block:: python
+
+        while True:
+            index, result = await asyncapp.first(
+                environ, ws.receive(), room.wait(environ, cursor)
+            )
+            if index == 0:      # the client spoke: result is its message, None once closed
+                ...
+            else:               # the room has news: result is the messages after cursor
+                ...
+
+    ``yield from`` in a generator app, ``green.run(asyncapp.first(...))`` in
+    a greenlet app. Raises :class:`asyncapp.Timeout` after ``timeout``
+    seconds; an exception of an op is raised from here.
+
+    The ops that did not finish are cancelled, and nothing they would have
+    returned is lost: each of asyncapp's waits (``read``, ``readable``,
+    ``writable``, ``Channel.wait``, ``Event.wait``, ``ws.receive``,
+    ``ws.send``) takes its result only as it returns it. Each time the app
+    is resumed the ops are started again, so give the timeout to ``first``
+    rather than to the ops (theirs would count from the latest start), and
+    do not pass ``sleep`` (use the timeout).
+
+    On asyncapp's hosts (``x-wsgiorg.async`` 1.2) one suspension waits on
+    all the ops. Elsewhere (uWSGI's fdevent, the blocking fallback) they
+    take turns, each waiting at most 0.1 s (1 s on uWSGI): correct, but
+    slower to answer and never fully idle. There a ``read`` of the request
+    body blocks until data comes.
+    """
+    return First(environ, ops, timeout)

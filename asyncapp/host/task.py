@@ -169,6 +169,18 @@ class _ThreadSide:
             self.wake(None)
 
 
+class _Armed:
+    """One pending wait of the app: its handle, and the watch and timer deciding it."""
+
+    __slots__ = ("handle", "timer", "watch")
+
+    def __init__(self, handle: WaitHandle) -> None:
+        self.handle = handle
+        #: The fd watch, or the reader's or WebSocket's own wait (see _arm).
+        self.watch: Watch | Cancellable | None = None
+        self.timer: Cancellable | None = None
+
+
 class AppTask:
     """Runs one WSGI app iterable on a :class:`Loop`, serving both extensions.
 
@@ -183,14 +195,13 @@ class AppTask:
     """
 
     __slots__ = (
+        "_decided",
         "_deferred",
         "_fdevent_flag",
-        "_handle",
         "_on_chunk",
         "_on_done",
         "_thread",
-        "_timer",
-        "_watch",
+        "_waits",
         "done",
         "environ",
         "iterable",
@@ -228,16 +239,17 @@ class AppTask:
         self.result: Iterable[bytes] | None = None
         self.done = False
         self.paused = False
-        self._handle: WaitHandle | None = None
-        #: The pending wait's fd watch, or the reader's own wait (see _arm).
-        self._watch: Watch | Cancellable | None = None
-        self._timer: Cancellable | None = None
+        #: The app's pending waits: one, or several asked for before one
+        #: ``b""`` (docs/protocol.md 3.5); the first decided withdraws the rest.
+        self._waits: list[_Armed] = []
+        #: The handle of the wait decided last (for an app on a pool thread).
+        self._decided: WaitHandle | None = None
         self._fdevent_flag: TimeoutFlag | None = None
         #: True while a pool thread owns the app (see :meth:`start_in_thread`).
         self.threaded = False
         self._thread: _ThreadSide | None = None
-        #: A wait the app asked for on a pool thread, armed on the loop.
-        self._deferred: tuple[Any, int | None, bool, float | None] | None = None
+        #: Waits the app asked for on a pool thread, armed on the loop.
+        self._deferred: list[tuple[_Armed, Any, int | None, bool, float | None]] = []
         #: The host's WebSocket handle, once the app accepted one: a wait
         #: on it is woken by the handle (``ready_now``, ``wait_ready``).
         self.ws: Any = None
@@ -301,39 +313,40 @@ class AppTask:
                 raise OSError(errno.EEXIST, "uWSGI: fd already registered")
         if fd is None:
             raise TypeError("x-wsgiorg.fdevent needs a file descriptor")
-        if self._handle is not None and self._handle.status == "pending":
-            # fdevent gives the app nothing to cancel with: a new registration
-            # means the b"" for the pending one never reached us (middleware
-            # drained the iterable, docs/protocol.md 4.6), so it replaces it.
-            self._handle.cancel()
+        # fdevent gives the app nothing to cancel with: a new registration
+        # means the b"" for the pending one never reached us (middleware
+        # drained the iterable, docs/protocol.md 4.6), so it replaces it.
+        self._cancel_all()
         self._wait(fd, write, timeout)
 
     def _wait(self, fd: Any, write: bool, timeout: float | None) -> WaitHandle:
-        if self._handle is not None and self._handle.status == "pending":
-            raise UsageError(
-                "a second wait was requested before the app yielded b'' for the "
-                "first; call readable/writable once, then yield"
-            )
         if fd is None and timeout is None:
             raise UsageError("a wait needs a fd, a timeout, or both")
         fileno: int | None = None
         if fd is not None and fd is not self.reader and fd is not self.ws:
             # Before any state changes: a closed file raises here, cleanly.
             fileno = fd if isinstance(fd, int) else fd.fileno()
-        handle = WaitHandle(self._cancel)
-        self._handle = handle
+        armed = _Armed(WaitHandle(self._cancel))
+        self._waits.append(armed)
         if self.threaded:
             # Asked on a pool thread: the loop arms it once the app has
             # yielded, when the thread hands the request over (or waits).
-            self._deferred = (fd, fileno, write, timeout)
-            return handle
-        self._arm(fd, fileno, write, timeout)
-        return handle
+            self._deferred.append((armed, fd, fileno, write, timeout))
+            return armed.handle
+        self._arm(armed, fd, fileno, write, timeout)
+        return armed.handle
 
-    def _arm(self, fd: Any, fileno: int | None, write: bool, timeout: float | None) -> None:
-        """Start the timer and the watch of the pending wait (on the loop)."""
+    def _arm(
+        self, armed: _Armed, fd: Any, fileno: int | None, write: bool, timeout: float | None
+    ) -> None:
+        """Start the timer and the watch of a pending wait (on the loop)."""
+        if armed.handle.status != "pending":
+            return  # decided (withdrawn) while it waited to be armed
+        on_ready = functools.partial(self._on_ready, armed)
         if timeout is not None:
-            self._timer = self.loop.call_later(max(0.0, timeout), self._on_timeout)
+            armed.timer = self.loop.call_later(
+                max(0.0, timeout), functools.partial(self._on_timeout, armed)
+            )
         if fd is None:
             return
         ws = self.ws
@@ -341,44 +354,52 @@ class AppTask:
             # No fd: the handle knows when a message (or the close) is
             # there, and when its output is under the high-water mark.
             if ws.ready_now(write):
-                self.loop.call_soon(lambda: self._decide("ready", None))
+                self.loop.call_soon(lambda: self._decide(armed, "ready", None))
             else:
-                self._watch = ws.wait_ready(self._on_ready, write)
+                armed.watch = ws.wait_ready(on_ready, write)
             return
         reader = self.reader
         if fd is reader and reader is not None:
             if reader.ready_now():
-                self.loop.call_soon(lambda: self._decide("ready", None))
+                self.loop.call_soon(lambda: self._decide(armed, "ready", None))
                 return
             wait_ready = getattr(reader, "wait_ready", None)
             if wait_ready is not None:
                 # A reader with no fd of its own (the ASGI bridge's, fed from
                 # receive()) says itself when it has something.
-                self._watch = wait_ready(self._on_ready)
+                armed.watch = wait_ready(on_ready)
                 return
         if fileno is None:
             fileno = fd if isinstance(fd, int) else fd.fileno()
         try:
-            self._watch = self.loop.watch(fileno, write, self._on_ready)
+            armed.watch = self.loop.watch(fileno, write, on_ready)
         except OSError as error:
             failure = error  # an except target is unbound when the block ends
-            self.loop.call_soon(lambda: self._decide("error", failure))
+            self.loop.call_soon(lambda: self._decide(armed, "error", failure))
 
     # -- deciding a wait --------------------------------------------------
-    def _on_ready(self, error: OSError | None) -> None:
-        self._watch = None
-        self._decide("error" if error else "ready", error)
+    def _on_ready(self, armed: _Armed, error: OSError | None) -> None:
+        armed.watch = None
+        self._decide(armed, "error" if error else "ready", error)
 
-    def _on_timeout(self) -> None:
-        self._timer = None
-        self._decide("timeout", None)
+    def _on_timeout(self, armed: _Armed) -> None:
+        armed.timer = None
+        self._decide(armed, "timeout", None)
 
-    def _decide(self, status: Any, error: OSError | None) -> None:
-        handle = self._handle
-        if handle is None or handle.status != "pending":
+    def _decide(self, armed: _Armed, status: Any, error: OSError | None) -> None:
+        handle = armed.handle
+        if handle.status != "pending":
             return
         handle.settle(status, error)
-        self._clear_wait()
+        self._decided = handle
+        # The first decided of several waits resumes the app; the others are
+        # withdrawn now (docs/protocol.md 3.5), so one yield means one resume.
+        waits, self._waits = self._waits, []
+        self._deferred = []
+        for other in waits:
+            if other is not armed:
+                other.handle.settle("cancelled")
+            self._disarm(other)
         if self._fdevent_flag is not None:
             timed_out = status == "timeout"
             if self.quirks == "uwsgi":
@@ -392,26 +413,32 @@ class AppTask:
             self.loop.call_soon(self.step)
 
     def _cancel(self, handle: WaitHandle) -> None:
-        if handle is self._handle:
-            self._deferred = None
-            self._clear_wait()
+        for armed in self._waits:
+            if armed.handle is handle:
+                self._waits.remove(armed)
+                self._deferred = [d for d in self._deferred if d[0] is not armed]
+                self._disarm(armed)
+                return
 
-    def _clear_wait(self) -> None:
-        watch = self._watch
+    def _cancel_all(self) -> None:
+        for armed in list(self._waits):
+            armed.handle.cancel()
+
+    def _disarm(self, armed: _Armed) -> None:
+        watch = armed.watch
         if watch is not None:
-            self._watch = None
+            armed.watch = None
             if isinstance(watch, Watch):
                 self.loop.unwatch(watch)
             else:
                 watch.cancel()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if armed.timer is not None:
+            armed.timer.cancel()
+            armed.timer = None
 
     def pending_wait(self) -> bool:
         """Whether the app is suspended on a wait that is not decided yet."""
-        handle = self._handle
-        return not self.done and handle is not None and handle.status == "pending"
+        return not self.done and bool(self._waits)
 
     # -- running the app --------------------------------------------------
     def start(self, iterable: Iterable[bytes]) -> None:
@@ -426,7 +453,7 @@ class AppTask:
             # A wait decided for an app that stays on its pool thread.
             thread = self._thread
             if thread is not None:
-                thread.decided(self._handle)
+                thread.decided(self._decided)
             return
         iterator = self.iterable
         if self.done or iterator is None:
@@ -442,7 +469,7 @@ class AppTask:
                         # resume_output(), so memory per request stays bounded.
                         self.paused = True
                         return
-                elif self._handle is not None and self._handle.status == "pending":
+                elif self._waits:
                     return
         except StopIteration:
             self._finish(None)
@@ -468,9 +495,7 @@ class AppTask:
         """
         thread = self._thread
         if self.threaded and thread is not None:
-            if self._handle is not None:
-                self._handle.cancel()
-            self._clear_wait()
+            self._cancel_all()
             thread.gone = True
             thread.wake(ClientGone("the client closed the connection"))
             return
@@ -530,7 +555,7 @@ class AppTask:
                 for chunk in iterator:
                     if chunk:
                         side.send(chunk, last=False)
-                    elif self._deferred is not None:
+                    elif self._deferred:
                         if not thread_pinned():
                             to_loop(functools.partial(self._adopt, iterator))
                             return  # the loop owns it now, closing included
@@ -579,7 +604,7 @@ class AppTask:
         except Exception as error:
             self._finish(error)
             return
-        if self._deferred is not None:
+        if self._deferred:
             self._arm_deferred()
         else:
             self.step()
@@ -597,9 +622,10 @@ class AppTask:
         return False
 
     def _arm_deferred(self) -> None:
-        deferred, self._deferred = self._deferred, None
-        if deferred is not None and not self.done:
-            self._arm(*deferred)
+        deferred, self._deferred = self._deferred, []
+        if not self.done:
+            for waiting in deferred:
+                self._arm(*waiting)
 
     def _thread_ended(self, error: BaseException | None) -> None:
         """On the loop: the pool thread finished the app (and closed it)."""
@@ -641,10 +667,10 @@ class AppTask:
         try:
             data = reader.read(size)
         except BlockingIOError:
-            handle = WaitHandle(self._cancel)
-            self._handle = handle
+            armed = _Armed(WaitHandle(self._cancel))
+            self._waits.append(armed)
             thread.reading = (size, timeout)
-            self._arm(reader, None, False, timeout)
+            self._arm(armed, reader, None, False, timeout)
             return
         except Exception as error:
             thread.wake(error)
@@ -655,9 +681,7 @@ class AppTask:
         if self.done:
             return
         self.done = True
-        if self._handle is not None:
-            self._handle.cancel()
-        self._clear_wait()
+        self._cancel_all()
         if close:
             error = close_app(self.result if self.result is not None else self.iterable, error)
         self.finished(error)
