@@ -29,7 +29,7 @@ import contextvars
 import functools
 import io
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, TypeVar
 
 import greenlet
@@ -99,6 +99,8 @@ class _AppGreenlet(greenlet.greenlet):  # type: ignore[misc]
         self.failure: BaseException | None = None
         #: The job accepted a WebSocket: its app may return None (no body).
         self.accepted = False
+        #: The list the job's app returned, handed up whole with ``_DONE``.
+        self.body: list[bytes] | None = None
 
     def _serve(self, job: Callable[[], None]) -> object:
         while True:
@@ -120,6 +122,11 @@ class _AppGreenlet(greenlet.greenlet):  # type: ignore[misc]
             pool.append(self)
             self.idle = True
             job = self.parent.switch(outcome)
+
+    def take_body(self) -> list[bytes] | None:
+        """The list its last job's app returned (it hands up ``_DONE``), once."""
+        body, self.body = self.body, None
+        return body
 
     def take_failure(self) -> BaseException:
         """The error its last job raised (it hands up ``_FAILED``), once."""
@@ -248,6 +255,13 @@ def _run(app: WSGIApp, environ: Environ, start_response: StartResponse, async_ho
         result = app(environ, start_response)
         if result is None and greenlet.getcurrent().accepted:
             return  # a WebSocket app: the server's 101 was its response
+        if result.__class__ is list:
+            # The common `return [body]`: iterating a list cannot suspend, so
+            # it goes up whole with the end of the job; a switch up per chunk
+            # and one back to learn that the list ended are two of a green
+            # hello request's four switches.
+            greenlet.getcurrent().body = result
+            return
         try:
             for chunk in result:
                 # The parent is re-read each time: the server may drive the
@@ -265,7 +279,7 @@ def _run(app: WSGIApp, environ: Environ, start_response: StartResponse, async_ho
 class GreenDriver(StepDriver):
     """The WSGI iterable that runs one call of a ``@green.app`` app."""
 
-    __slots__ = ("_app_name", "_async_host", "_child", "_context", "_job")
+    __slots__ = ("_app_name", "_async_host", "_child", "_context", "_job", "_rest")
 
     def __init__(self, app: WSGIApp, environ: Environ, start_response: StartResponse) -> None:
         super().__init__(start_response)
@@ -282,6 +296,8 @@ class GreenDriver(StepDriver):
         self._job: Callable[[], None] | None = functools.partial(
             _run, app, environ, start_response, async_host
         )
+        #: The rest of a list the app returned (see _run), once its job ended.
+        self._rest: Iterator[bytes] | None = None
 
     @property
     def _name(self) -> str:
@@ -297,6 +313,8 @@ class GreenDriver(StepDriver):
             send = job
         else:
             if self._child is None:
+                if self._rest is not None:
+                    return next(self._rest)  # StopIteration at its end
                 raise StopIteration
             child = self._child
         child.parent = greenlet.getcurrent()
@@ -307,7 +325,11 @@ class GreenDriver(StepDriver):
             raise
         if out is _DONE:
             self._child = None
-            raise StopIteration
+            body = child.take_body()
+            if body is None:
+                raise StopIteration
+            self._rest = iter(body)
+            return next(self._rest)
         if out is _FAILED:
             self._child = None
             raise child.take_failure()
@@ -335,6 +357,7 @@ class GreenDriver(StepDriver):
         finally:
             child, self._child = self._child, None
             self._job = None  # never started: nothing to end
+            self._rest = None
             if child is not None:
                 for attempt in range(_CLOSE_ATTEMPTS):
                     child.parent = greenlet.getcurrent()

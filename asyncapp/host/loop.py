@@ -369,6 +369,15 @@ class Loop:
         entry = self._fds.get(fd)
         if entry is None:
             return
+        if not (entry.readers or entry.writers):
+            # A connection's own fd, nothing else waiting on it (nearly every
+            # event of a busy server): its handlers are called directly, with
+            # no bookkeeping of one-shot watches.
+            if events & _EVENT_READ and entry.on_read is not None:
+                entry.on_read()
+            if events & _EVENT_WRITE and entry.on_write is not None:
+                entry.on_write()
+            return
         fired: list[Watch] = []
         if entry.on_read is None and entry.on_write is None:
             if events & _EVENT_READ and entry.readers:

@@ -80,8 +80,9 @@ class _ThreadSide:
 
     def __init__(self, task: AppTask) -> None:
         self.task = task
-        self._lock = threading.Lock()
-        self._lock.acquire()
+        #: Made by the first wait_for(): most plain apps (`return [body]`)
+        #: never wait, and a lock per request is not free.
+        self._lock: threading.Lock | None = None
         self._waiting = False
         self._reply: object = None
         self._unacked = 0
@@ -102,9 +103,15 @@ class _ThreadSide:
     def wait_for(self, request: Callable[[], None]) -> object:
         """Post ``request`` to the loop and block until it calls :meth:`wake`."""
         self.check()
+        lock = self._lock
+        if lock is None:
+            # Held from the start: the thread blocks on it below until wake().
+            # Made before _waiting is set, so wake() never finds it missing.
+            lock = self._lock = threading.Lock()
+            lock.acquire()
         self._waiting = True
         self.task.loop.call_soon_threadsafe(request)
-        self._lock.acquire()
+        lock.acquire()
         reply = self._reply
         self._reply = None
         if isinstance(reply, BaseException):
@@ -133,6 +140,7 @@ class _ThreadSide:
     def wake(self, reply: object) -> None:
         """Answer the thread's wait (on the loop); a no-op if it is not waiting."""
         if self._waiting:
+            assert self._lock is not None  # made before _waiting was set
             self._waiting = False
             self._reply = reply
             self._lock.release()
@@ -421,6 +429,8 @@ class AppTask:
                 return
 
     def _cancel_all(self) -> None:
+        if not self._waits:
+            return  # every request that did not wait: no copy of an empty list
         for armed in list(self._waits):
             armed.handle.cancel()
 

@@ -556,21 +556,26 @@ class RequestParser:
             return  # see the module docstring
         # llhttp keeps trailing whitespace; it is not part of the value (RFC 9112 5).
         value = value.rstrip(b" \t")
-        if name[0] in b"HhEeCc":  # only Host, Expect and Content-Type need a closer look
+        head = self._head
+        assert head is not None
+        # Only Host, Expect, Content-Type and the framing fields need a closer
+        # look; they are noted here, once, not searched for again later.
+        if name[0] in b"HhEeCcTt":
             lname = name.lower()
             if lname == b"host":
                 self._hosts += 1
                 if self._hosts > 1:
                     raise ProtocolError(400, "more than one Host header")
-            elif lname == b"content-type" and any(
-                n.lower() == lname
-                for n, _ in self._head.headers  # type: ignore[union-attr]
-            ):
+            elif lname == b"content-length":
+                head.content_length = int(value)  # llhttp validated digits and duplicates
+            elif lname == b"transfer-encoding":
+                head.chunked = True  # llhttp rejects a final coding other than chunked
+            elif lname == b"content-type" and any(n.lower() == lname for n, _ in head.headers):
                 # A singleton (RFC 9110 5.3): joined, it would be no media type.
                 raise ProtocolError(400, "more than one Content-Type header")
             elif lname == b"expect" and value.strip().lower() == b"100-continue":
-                self._head.expect_continue = True  # type: ignore[union-attr]
-        self._head.headers.append((name, value))  # type: ignore[union-attr]
+                head.expect_continue = True
+        head.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         head = self._head
@@ -613,17 +618,9 @@ class RequestParser:
                 raise ProtocolError(400, "request target must be origin- or absolute-form")
             head.path = parsed.path or b"/"
             head.query = parsed.query or b""
-        transfer_encoding = None
-        for name, value in head.headers:
-            lname = name.lower()
-            if lname == b"content-length":
-                head.content_length = int(value)  # llhttp validated digits and duplicates
-            elif lname == b"transfer-encoding":
-                transfer_encoding = value
-        if transfer_encoding is not None:
-            if version == "1.0":
-                raise ProtocolError(400, "Transfer-Encoding is not allowed in HTTP/1.0")
-            head.chunked = True  # llhttp rejects a final coding other than chunked
+        # Content-Length and Transfer-Encoding were noted by on_header.
+        if head.chunked and version == "1.0":
+            raise ProtocolError(400, "Transfer-Encoding is not allowed in HTTP/1.0")
         limit = self.config.max_body_size
         if limit is not None and (head.content_length or 0) > limit:
             raise ProtocolError(413, "request body too large")
