@@ -34,6 +34,10 @@ Scenarios (``--only`` takes these names, comma-separated):
   in-process ``Channel``, and the Redis round trips each publish costs. It
   starts its own ``redis-server`` (Debian's, on a free loopback port, no
   persistence) and stops it.
+* ``websocket`` (issue 12): N idle WebSockets held (RSS per connection),
+  one message broadcast to all N, and echo round trips on 50 connections,
+  on the bundled server (each style) against uvicorn (httptools + uvloop,
+  ``--ws websockets``) running a native ASGI app.
 
 ``--quick`` uses small counts (about 4 minutes in all); see
 ``docs/benchmarks.md`` for what the numbers mean.
@@ -87,14 +91,18 @@ PEER_REQUIREMENTS = [
     "packaging==26.4",
     # Not in PEERS.md: the Rust front end issue 13 measures against.
     "granian==2.8.9",
+    # Not in PEERS.md: uvicorn's --ws websockets for the websocket scenario (issue 12).
+    "websockets==17.4",
 ]
 PEER_DISTRIBUTIONS = [
     "gevent", "greenlet", "waitress", "uvicorn", "h11", "httptools", "Werkzeug", "gunicorn",
-    "uvloop", "a2wsgi", "granian",
+    "uvloop", "a2wsgi", "granian", "websockets",
 ]  # fmt: skip
 #: What the project's .venv runs the engines with (to_asgi, the gunicorn worker).
 ENGINE_DISTRIBUTIONS = ["uvicorn", "httptools", "uvloop", "gunicorn", "a2wsgi"]
-SCENARIOS = ["hello", "longpoll", "upload", "suspend", "blocking", "engines", "redis"]
+SCENARIOS = [
+    "hello", "longpoll", "upload", "suspend", "blocking", "engines", "redis", "websocket",
+]  # fmt: skip
 STYLES = ["plain", "gen", "async", "green"]
 
 
@@ -123,7 +131,7 @@ class Settings:
             )  # fmt: skip
             s.budgets = {
                 "hello": 90, "longpoll": 120, "upload": 60, "suspend": 30, "blocking": 90,
-                "engines": 420, "redis": 240,
+                "engines": 420, "redis": 240, "websocket": 180,
             }  # fmt: skip
         else:
             s = cls(
@@ -133,7 +141,7 @@ class Settings:
             )  # fmt: skip
             s.budgets = {
                 "hello": 900, "longpoll": 1200, "upload": 600, "suspend": 120, "blocking": 300,
-                "engines": 2100, "redis": 1500,
+                "engines": 2100, "redis": 1500, "websocket": 900,
             }  # fmt: skip
         if runs is not None:
             s.runs = runs
@@ -437,6 +445,21 @@ def _asyncapp(style: str, *extra: str) -> Callable[[str, int], list[str]]:
     return command
 
 
+def _uvicorn_ws(style: str = "") -> Callable[[str, int], list[str]]:
+    """uvicorn, httptools + uvloop, with the websockets library's (legacy) protocol:
+    the native ASGI app (peers' venv), or with ``style`` asyncapp's app through
+    ``to_asgi`` (``bench/engine_apps.py``, the project's venv, same versions)."""
+
+    def command(app: str, port: int) -> list[str]:
+        if style:
+            python, target = main_python(), f"bench.engine_apps:asgi_{app}_{style}"
+        else:
+            python, target = peer_python(), f"bench.asgi_apps:{app}"
+        return [*_uvicorn_cmd(python, target, port, "httptools", "uvloop"), "--ws", "websockets"]
+
+    return command
+
+
 ALL = ("hello", "longpoll", "upload")
 NO_HOLD = "a pool of 4 threads cannot hold thousands of requests"
 #: The engines scenario's two parts (issue 10): servers name the parts they are in.
@@ -465,9 +488,9 @@ SERVERS = [
     Server("asyncapp-plain-inline", _asyncapp("plain", "--threads", "0"), ("hello", "blocking"),
            {"longpoll": "a plain WSGI app cannot wait without blocking the loop",
             "upload": "wsgi.input reads block the loop; asyncapp apps use asyncapp.read"}),
-    Server("asyncapp-gen", _asyncapp("gen"), (*ALL, E_HELLO, E_LONGPOLL)),
-    Server("asyncapp-async", _asyncapp("async"), ALL),
-    Server("asyncapp-green", _asyncapp("green"), ALL),
+    Server("asyncapp-gen", _asyncapp("gen"), (*ALL, E_HELLO, E_LONGPOLL, "websocket")),
+    Server("asyncapp-async", _asyncapp("async"), (*ALL, "websocket")),
+    Server("asyncapp-green", _asyncapp("green"), (*ALL, "websocket")),
     # -- engines (issue 10) --
     Server("uvicorn-uvloop", _uvloop("bench.asgi_apps"), (E_HELLO, E_LONGPOLL)),
     Server("uvicorn-uvloop+to_asgi-plain", _uvloop("bench.engine_apps", "plain"), (E_HELLO,),
@@ -482,6 +505,10 @@ SERVERS = [
     Server("gunicorn+asyncapp-plain", _gunicorn_asyncapp("plain"), (E_HELLO,)),
     Server("gunicorn+asyncapp-gen", _gunicorn_asyncapp("gen"), (E_HELLO, E_LONGPOLL)),
     Server("gunicorn-gevent", _gunicorn_gevent, (E_HELLO, E_LONGPOLL)),
+    # -- WebSockets (issue 12) --
+    Server("uvicorn-uvloop-ws", _uvicorn_ws(), ("websocket",)),
+    Server("uvicorn-uvloop-ws+to_asgi-gen", _uvicorn_ws("gen"), ("websocket",)),
+    Server("uvicorn-uvloop-ws+to_asgi-async", _uvicorn_ws("async"), ("websocket",)),
 ]  # fmt: skip
 
 
@@ -1662,6 +1689,158 @@ def report_redis(s: Settings, data: dict[str, Any]) -> tuple[str, list[list[str]
 
 
 # -- the machine --------------------------------------------------------------------
+# -- scenario 9: WebSockets (issue 12) ----------------------------------------------
+WS_KB = 0.5  # KB per idle WebSocket <= 0.5x uvicorn's
+WS_ECHO = 1.0  # echo round trips per second >= 1.0x uvicorn's
+WS_FANOUT = 1.0  # broadcast to N: time until the last has it <= 1.0x uvicorn's
+WS_PEER = "uvicorn-uvloop-ws"
+WS_ECHO_CONNS = 50
+
+
+def bench_websocket(s: Settings, log_dir: Path, deadline: float) -> dict[str, Any]:
+    results: dict[str, list[dict[str, Any]]] = {}
+    failures: dict[str, str] = {}
+    per_run = 90 + s.longpoll_n / 100 + s.hello_seconds
+    for run in range(s.runs):
+        for server in SERVERS:
+            if "websocket" not in server.scenarios or server.name in failures:
+                continue
+            if time.monotonic() > deadline:
+                failures.setdefault(server.name, "skipped: the scenario's time budget ran out")
+                continue
+            port = free_port()
+            print(f"  websocket run {run + 1}/{s.runs}: {server.name}", file=sys.stderr)
+            try:
+                with running(server.command("ws", port), port, log_dir, server.name) as pid:
+                    cmd = [main_python(), "-m", "bench.ws_client", "--port", str(port)]
+                    cmd += ["--pid", str(pid), "--n", str(s.longpoll_n), "--timeout", str(per_run)]
+                    cmd += ["--warmup", str(min(100, s.longpoll_n))]
+                    cmd += ["--rounds", str(s.longpoll_rounds)]
+                    cmd += ["--echo-conns", str(WS_ECHO_CONNS)]
+                    cmd += ["--echo-seconds", str(s.hello_seconds)]
+                    done = run_load(cmd, per_run + 30)
+            except (ServerFailed, subprocess.TimeoutExpired) as error:
+                failures[server.name] = f"failed: {error}"[:300]
+                continue
+            try:
+                result = json.loads(done.stdout)
+            except ValueError:
+                failures[server.name] = f"client failed: {done.stderr[-300:]}"
+                continue
+            if "error" in result:
+                failures[server.name] = f"run {run + 1}: {result['error']}"
+                continue
+            results.setdefault(server.name, []).append(result)
+    summary = {}
+    for name, runs in results.items():
+        summary[name] = _longpoll_summary(runs) | {
+            key: median([r[key] for r in runs])
+            for key in (
+                "echo_per_s",
+                "echo_cpu_us",
+                "echo_server_cpu",
+                "echo_p50_ms",
+                "echo_p99_ms",
+            )
+        }
+    return {
+        "summary": summary,
+        "failures": failures,
+        "raw": results,
+        "n": s.longpoll_n,
+        "echo_conns": WS_ECHO_CONNS,
+        "echo_seconds": s.hello_seconds,
+    }
+
+
+def report_websocket(s: Settings, data: dict[str, Any]) -> tuple[str, list[list[str]]]:
+    summary = data["summary"]
+    n = data["n"]
+    peer = summary.get(WS_PEER, {})
+    targets: list[list[str]] = []
+    rows = []
+    for name, r in sorted(summary.items(), key=lambda kv: kv[1]["kb_per_conn"]):
+        kb_ok = fan_ok = echo_ok = None
+        # The targets are the bundled server's; to_asgi rows are for reference.
+        if name.startswith("asyncapp") and peer:
+            kb_ok = r["kb_per_conn"] <= WS_KB * peer["kb_per_conn"]
+            echo_ok = r["echo_per_s"] >= WS_ECHO * peer["echo_per_s"]
+            fan_ok = r["fanout_ms"] <= WS_FANOUT * peer["fanout_ms"]
+            targets += [
+                [f"{n:,} idle WebSockets, {name}", f"KB/conn <= {WS_KB}× {WS_PEER}",
+                 ratio(r["kb_per_conn"], peer["kb_per_conn"]), verdict(kb_ok)],
+                [f"echo on {data['echo_conns']} WebSockets, {name}",
+                 f"round trips/s >= {WS_ECHO}× {WS_PEER}",
+                 ratio(r["echo_per_s"], peer["echo_per_s"]), verdict(echo_ok)],
+                [f"WebSocket broadcast to {n:,}, {name}",
+                 f"last message <= {WS_FANOUT}× {WS_PEER}'s time",
+                 ratio(r["fanout_ms"], peer["fanout_ms"]), verdict(fan_ok)],
+            ]  # fmt: skip
+        rows.append(
+            [
+                name,
+                num(r["kb_per_conn"], 1),
+                ratio(r["kb_per_conn"], peer.get("kb_per_conn")),
+                f"{num(r['rss_before_kb'] / 1024, 1)} → {num(r['rss_held_kb'] / 1024, 1)}",
+                verdict(kb_ok),
+                num(r["fanout_ms"]),
+                f"{num(r['fanout_min'])}–{num(r['fanout_max'])}",
+                ratio(r["fanout_ms"], peer.get("fanout_ms")),
+                num(r["median_ms"]),
+                verdict(fan_ok),
+                num(r["echo_per_s"]),
+                ratio(r["echo_per_s"], peer.get("echo_per_s")),
+                f"{num(r['echo_p50_ms'], 2)} / {num(r['echo_p99_ms'], 2)}",
+                num(r["echo_cpu_us"], 1),
+                ratio(r["echo_cpu_us"], peer.get("echo_cpu_us")),
+                f"{r['echo_server_cpu']:.0%}",
+                verdict(echo_ok),
+            ]
+        )
+    header = [
+        "server",
+        "KB / idle WebSocket",
+        f"× {WS_PEER}",
+        "RSS before → held (MiB)",
+        f"target ≤ {WS_KB}×",
+        f"broadcast: last of {n:,} (ms, median)",
+        "min–max",
+        f"× {WS_PEER}",
+        "median arrival ms",
+        f"target ≤ {WS_FANOUT}×",
+        "echo round trips/s",
+        f"× {WS_PEER}",
+        "p50 / p99 ms",
+        "server CPU µs / round trip",
+        f"× {WS_PEER}",
+        "server CPU busy",
+        f"target ≥ {WS_ECHO}×",
+    ]
+    text = (
+        f"### 9. WebSockets (issue 12): {n:,} idle connections, one broadcast, echoes\n\n"
+        f"{s.runs} run(s), each on a fresh server. asyncapp: `asyncapp serve` running "
+        "`bench/asyncapp_apps.py` `ws_STYLE` (`/room`: the generator and async def apps wait "
+        "with `asyncapp.first` on the client and on an `asyncapp.Channel`; the greenlet app "
+        f"on the channel only). {WS_PEER}: uvicorn with httptools, uvloop and `--ws "
+        "websockets` running the native ASGI app `bench/asgi_apps.py:ws` (a set of the "
+        "room's `send`s; `/publish` awaits `send` for each in turn); `+to_asgi-STYLE`: the "
+        "same uvicorn running asyncapp's app through `asyncapp.asgi.to_asgi` (for reference, "
+        "no target). The client "
+        "(`bench/ws_client.py`, one asyncio process on the other CPU, raw sockets, masked "
+        "frames, no compression offered) holds N connections on `/room`; RSS = VmRSS of the "
+        "server after a warm-up (before) and 1 s after `/count` reports all N (held); "
+        "broadcast = from sending `GET /publish` until the last of the N has the message "
+        f"({s.longpoll_rounds} broadcasts per run, median and range over all); then the room "
+        f"closes and {data['echo_conns']} connections to `/echo` each send a 32-byte text "
+        f"message and wait for it back, for {data['echo_seconds']} s. The server's CPU "
+        "seconds per round trip are reported too: when the one-process client is the "
+        "bottleneck both servers show the same round trips per second.\n\n"
+        + table(header, rows)
+        + _failures(data)
+    )
+    return text, targets
+
+
 def calibrate() -> str:
     """A fixed 3M-iteration Python loop on each CPU: how fast the machine is now."""
     code = "import time\nt=time.process_time()\nfor i in range(3_000_000): pass\n"
@@ -1738,6 +1917,7 @@ BENCHES = {
     "blocking": (bench_blocking, report_blocking),
     "engines": (bench_engines, report_engines),
     "redis": (bench_redis, report_redis),
+    "websocket": (bench_websocket, report_websocket),
 }
 
 
@@ -1827,7 +2007,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ensure_peer_venv()
     # Long polls need N sockets in the client and in the server; children inherit.
     fd_limit = raise_fd_limit(2 * settings.longpoll_n + 1024)
-    if {"longpoll", "engines", "redis"} & set(only) and fd_limit < settings.longpoll_n + 512:
+    if {"longpoll", "engines", "redis", "websocket"} & set(
+        only
+    ) and fd_limit < settings.longpoll_n + 512:
         # Server and client are separate processes: each needs N sockets.
         print(f"open-file limit {fd_limit}: holding {fd_limit - 512} long polls", file=sys.stderr)
         settings.longpoll_n = fd_limit - 512

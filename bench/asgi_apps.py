@@ -71,3 +71,50 @@ async def longpoll(scope: Scope, receive: Receive, send: Send) -> None:
         await _reply(send, b"%d" % _state["waiting"])
     else:
         await _reply(send, b"?")
+
+
+# -- WebSockets (issue 12) -------------------------------------------------------
+#: The room's connections: each one's ``send``.
+_room: set[Send] = set()
+
+
+async def ws(scope: Scope, receive: Receive, send: Send) -> None:
+    """``/echo`` echoes; ``/room`` listens; ``/publish`` sends one message to the room."""
+    path = scope["path"]
+    if scope["type"] == "http":
+        if path == "/publish":
+            # One await per connection, as an ASGI app naturally writes it:
+            # uvicorn's send() returns once the frame is handed to the transport.
+            for member in list(_room):
+                try:
+                    await member({"type": "websocket.send", "text": "go"})
+                except (
+                    Exception
+                ):  # a client that left meanwhile (uvicorn raises ClientDisconnected)
+                    _room.discard(member)
+            await _reply(send, b"ok")
+        elif path == "/count":
+            await _reply(send, b"%d" % len(_room))
+        else:
+            await _reply(send, b"?")
+        return
+    if scope["type"] != "websocket":
+        return
+    await receive()  # websocket.connect
+    await send({"type": "websocket.accept"})
+    if path == "/room":
+        _room.add(send)
+    try:
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            if path == "/echo":
+                reply: dict[str, Any] = {"type": "websocket.send"}
+                if message.get("text") is not None:
+                    reply["text"] = message["text"]
+                else:
+                    reply["bytes"] = message.get("bytes") or b""
+                await send(reply)
+    finally:
+        _room.discard(send)

@@ -143,6 +143,108 @@ def longpoll_green(environ: Environ, start_response: StartResponse) -> list[byte
     return [body]
 
 
+# -- WebSockets (issue 12) ---------------------------------------------------------
+#: The room: ``/publish`` publishes one message, every ``/room`` connection sends it.
+room = asyncapp.Channel(history=16)
+_in_room = [0]
+
+
+def _ws_control(environ: Environ, start_response: StartResponse) -> list[bytes] | None:
+    """``/publish`` and ``/count`` (plain HTTP), shared by the WebSocket apps."""
+    path = environ["PATH_INFO"]
+    if path == "/publish":
+        room.publish("go")
+        body = b"ok"
+    elif path == "/count":
+        body = b"%d" % _in_room[0]
+    elif path in ("/echo", "/room") and asyncapp.websocket.is_upgrade(environ):
+        return None
+    else:
+        body = b"?"
+    start_response("200 OK", _headers(body))
+    return [body]
+
+
+@asyncapp.coroutine
+def ws_gen(environ: Environ, start_response: StartResponse) -> Iterable[Any]:
+    """``/echo`` echoes; ``/room`` waits on its client and on the room at once."""
+    control = _ws_control(environ, start_response)
+    if control is not None:
+        yield control[0]
+        return
+    ws = yield from asyncapp.websocket.accept(environ)
+    if environ["PATH_INFO"] == "/echo":
+        while (message := (yield from ws.receive())) is not None:
+            yield from ws.send(message)
+        return
+    cursor = room.cursor
+    _in_room[0] += 1
+    try:
+        while True:
+            index, result = yield from asyncapp.first(
+                environ, ws.receive(), room.wait(environ, cursor)
+            )
+            if index == 0:
+                if result is None:
+                    return  # the client closed
+                continue  # the room's clients only listen
+            for message in result:
+                yield from ws.send(message.data)
+            cursor = result[-1].id
+    finally:
+        _in_room[0] -= 1
+
+
+@asyncapp.coroutine
+async def ws_async(environ: Environ, start_response: StartResponse) -> Any:
+    control = _ws_control(environ, start_response)
+    if control is not None:
+        yield control[0]
+        return
+    ws = await asyncapp.websocket.accept(environ)
+    if environ["PATH_INFO"] == "/echo":
+        while (message := await ws.receive()) is not None:
+            await ws.send(message)
+        return
+    cursor = room.cursor
+    _in_room[0] += 1
+    try:
+        while True:
+            index, result = await asyncapp.first(environ, ws.receive(), room.wait(environ, cursor))
+            if index == 0:
+                if result is None:
+                    return
+                continue
+            for message in result:
+                await ws.send(message.data)
+            cursor = result[-1].id
+    finally:
+        _in_room[0] -= 1
+
+
+@green.app
+def ws_green(environ: Environ, start_response: StartResponse) -> list[bytes]:
+    control = _ws_control(environ, start_response)
+    if control is not None:
+        return control
+    ws = green.websocket.accept(environ)
+    if environ["PATH_INFO"] == "/echo":
+        while (message := ws.receive()) is not None:
+            ws.send(message)
+        return []
+    # Waits on the room only (the brief's fallback, no first() in green style):
+    # a client that leaves closes the app at its wait, as for an HTTP client.
+    cursor = room.cursor
+    _in_room[0] += 1
+    try:
+        while True:
+            for message in (found := green.run(room.wait(environ, cursor))):
+                ws.send(message.data)
+            cursor = found[-1].id
+    finally:
+        _in_room[0] -= 1
+
+
 # -- uploads -----------------------------------------------------------------
 @asyncapp.coroutine
 def upload_gen(environ: Environ, start_response: StartResponse) -> Iterable[Any]:

@@ -91,6 +91,14 @@ MEASURES = [
     Measure(("redis",), "fanout_ms", "redis-fanout",
             "One channel over gunicorn workers through Redis: time until the last answer",
             "ms", "lower is better", "fanout_min", "fanout_max"),
+    Measure(("websocket",), "kb_per_conn", "websocket-kb", "Memory per idle WebSocket", "KB",
+            "lower is better"),
+    Measure(("websocket",), "fanout_ms", "websocket-fanout",
+            "One publish to every WebSocket: time until the last has it", "ms",
+            "lower is better", "fanout_min", "fanout_max"),
+    Measure(("websocket",), "echo_per_s", "websocket-echo",
+            "WebSocket echo on 50 connections: round trips per second", "round trips/s",
+            "higher is better"),
 ]  # fmt: skip
 
 

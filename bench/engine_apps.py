@@ -18,3 +18,6 @@ asgi_hello_gen = to_asgi(apps.hello_gen)
 asgi_hello_async = to_asgi(apps.hello_async)
 asgi_longpoll_gen = to_asgi(apps.longpoll_gen)
 asgi_longpoll_async = to_asgi(apps.longpoll_async)
+# The websocket scenario (issue 12): the bundled server's WebSocket apps on uvicorn.
+asgi_ws_gen = to_asgi(apps.ws_gen)
+asgi_ws_async = to_asgi(apps.ws_async)

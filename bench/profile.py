@@ -10,7 +10,10 @@ samples, by own time and including callees. WHAT is one of:
 * ``upload-gen`` (or another style): 100 MiB Content-Length uploads;
 * ``suspend-raw``, ``suspend-gen``, ...: 1,000 readiness waits per request;
 * ``longpoll-gen`` (or another style): 10,000 held long polls released by
-  one publish, 10 rounds (holding, waking and answering them).
+  one publish, 10 rounds (holding, waking and answering them);
+* ``ws-gen`` (or another style): 10,000 idle WebSockets on ``/room`` given
+  one published message, 20 rounds (issue 12's broadcast; holding them is
+  in the samples too), then 1 s of echoes.
 
 py-spy samples the server's Python stacks; time spent in a system call is
 charged to the Python function that made it (``Connection.write`` is the
@@ -99,6 +102,10 @@ def _drive(kind: str, style: str, port: int, pid: int, seconds: float) -> None:
         cmd = [main_python(), "-m", "bench.longpoll_client", "--port", str(port)]
         cmd += ["--pid", str(pid), "--n", "10000", "--rounds", "10", "--timeout", "120"]
         run_load(cmd, seconds + 150)
+    elif kind == "ws":
+        cmd = [main_python(), "-m", "bench.ws_client", "--port", str(port), "--pid", str(pid)]
+        cmd += ["--n", "10000", "--rounds", "20", "--echo-seconds", "1", "--timeout", "120"]
+        run_load(cmd, seconds + 150)
     else:
         code = (
             "import http.client, time\n"
@@ -129,8 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     kind, _, style = args.what.partition("-")
-    if kind not in ("hello", "upload", "suspend", "longpoll") or not style:
-        parser.error("WHAT is hello-STYLE, upload-STYLE, longpoll-STYLE or suspend-STYLE")
+    if kind not in ("hello", "upload", "suspend", "longpoll", "ws") or not style:
+        parser.error("WHAT is hello-STYLE, upload-STYLE, longpoll-STYLE, ws-STYLE or suspend-STYLE")
     app = (
         "bench.asyncapp_apps:suspend"
         if kind == "suspend"

@@ -12,7 +12,12 @@ from bench import charts
 
 RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
 #: The runs the docs draw charts from (docs/benchmarks.md, docs/comparison.md).
-COMMITTED = ["issue9-hello-blocking.json", "issue10-engines.json", "issue11-redis.json"]
+COMMITTED = [
+    "issue9-hello-blocking.json",
+    "issue10-engines.json",
+    "issue11-redis.json",
+    "issue12-websocket.json",
+]
 
 
 @pytest.mark.parametrize("name", COMMITTED)
