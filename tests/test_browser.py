@@ -381,3 +381,42 @@ def test_chat_in_two_browser_pages_on_four_gunicorn_workers_with_redis(tmp_path:
             raise
         finally:
             browser.close()
+
+
+def test_chat_websocket_page_and_long_polling_page_on_the_bundled_server() -> None:
+    """One page on ``/ws`` (the app waits with ``asyncapp.first`` on its socket
+    and the room), one without ``window.WebSocket`` (long polling): each shows
+    the other's message, once."""
+    sync_playwright = _require_browser()
+    from playwright.sync_api import expect
+
+    from examples import chat
+
+    page_errors: list[str] = []
+    seen: list[tuple[str, str]] = []  # (page, path) of each request
+
+    def recording(environ: dict[str, Any], start_response: Any) -> Any:
+        seen.append((environ.get("HTTP_X_CHAT_PAGE", ""), environ["PATH_INFO"]))
+        return chat.app(environ, start_response)
+
+    with live_server(recording) as server, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS, timeout=30_000
+        )
+        try:
+            ws_page = _open_chat(browser, server.url + "/", "ws", page_errors)
+            poll_page = _open_chat(browser, server.url + "/", "poll", page_errors, websocket=False)
+            assert poll_page.evaluate("typeof window.WebSocket") == "undefined"
+            _send(ws_page, "alice", "over the socket")
+            for page in (ws_page, poll_page):
+                expect(_message(page, "alice: over the socket")).to_have_count(1)
+            _send(poll_page, "bob", "by long polling")
+            for page in (ws_page, poll_page):
+                expect(_message(page, "bob: by long polling")).to_have_count(1)
+                expect(page.locator("#messages li.message")).to_have_count(2)
+            assert page_errors == [], f"uncaught errors in the pages: {page_errors}"
+            # Each page went its own way: one WebSocket, and long polls.
+            assert ("ws", "/ws") in seen and ("ws", "/poll") not in seen, seen
+            assert ("poll", "/poll") in seen and ("poll", "/ws") not in seen, seen
+        finally:
+            browser.close()

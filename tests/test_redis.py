@@ -912,3 +912,68 @@ def test_chat_on_gunicorn_workers_with_redis(tmp_path: Path, own_redis: RedisSer
     for response in responses.values():
         assert response.status == 200
         assert response.payload == {"cursor": 1, "messages": [message]}
+
+
+# -- the chat: a WebSocket and a long poll on two workers, one room in Redis ---------
+
+
+@pytest.mark.timeout(60)
+def test_chat_websocket_and_long_poll_on_two_gunicorn_workers(tmp_path: Path) -> None:
+    """``examples.chat``'s ``/ws`` (``asyncapp.first`` of the socket and the room)
+    on one worker, a long-poll client on the other: each sees the other's
+    messages, each once, through the RedisChannel."""
+    from websockets.sync.client import connect
+
+    with (
+        redis_server(tmp_path) as server,
+        gunicorn(
+            tmp_path, app="examples.chat:app", workers=2, env={"REDIS_URL": server.url}
+        ) as master,
+    ):
+        pids = sorted(master.booted())
+        assert len(pids) == 2, master.log()
+        port = master.port
+        # One connection held by each worker (spread_connections orders them by pid).
+        ws_sock, poll_sock = spread_connections(port, pids, 2, accepted_by(pids, port))
+        poller = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT)
+        poller.sock = poll_sock
+
+        def get(path: str) -> Any:
+            poller.request("GET", path)
+            response = poller.getresponse()
+            assert response.status == 200
+            return json.loads(response.read())
+
+        def said(name: str, message: str, id: int) -> dict[str, Any]:
+            return {"name": name, "message": message, "id": id}
+
+        with connect(f"ws://127.0.0.1:{port}/ws?cursor=0", sock=ws_sock, open_timeout=WAIT) as ws:
+            # The poll is held by the second worker while the first one's socket speaks.
+            poller.request("GET", "/poll?cursor=0&timeout=20")
+            ws.send(json.dumps({"name": "ws", "message": "from the socket"}))
+            response = poller.getresponse()
+            assert response.status == 200
+            first = {"cursor": 1, "messages": [said("ws", "from the socket", 1)]}
+            assert json.loads(response.read()) == first
+            assert json.loads(ws.recv(timeout=WAIT)) == first  # its own, through the room
+            # The long-poll client speaks (a form, on the second worker's connection).
+            body = urllib.parse.urlencode({"name": "poll", "message": "from a form"})
+            poller.request(
+                "POST",
+                "/send",
+                body=body,
+                headers={"Content-Type": "application/x-www-form-urlencoded"},
+            )
+            response = poller.getresponse()
+            response.read()
+            assert response.status == 204
+            second = {"cursor": 2, "messages": [said("poll", "from a form", 2)]}
+            assert json.loads(ws.recv(timeout=WAIT)) == second
+            assert get("/poll?cursor=1&timeout=20") == second
+            # Each once: nothing more for either.
+            assert get("/poll?cursor=2&timeout=0") == {"cursor": 2, "messages": []}
+            with pytest.raises(TimeoutError):
+                ws.recv(timeout=0.5)
+            # The two clients' connections: one on each worker.
+            assert connections_by_process(pids, port) == {pids[0]: 1, pids[1]: 1}
+        poller.close()

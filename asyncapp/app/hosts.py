@@ -169,6 +169,11 @@ _SLICE: contextvars.ContextVar[float | None] = contextvars.ContextVar(
 )
 
 
+#: Set by :func:`first` on 1.2 hosts while it starts its operations: a wait
+#: on an fd then checks it first (an op must check before it waits).
+_CHECK: contextvars.ContextVar[bool] = contextvars.ContextVar("asyncapp_first_check", default=False)
+
+
 def _sliced(timeout: float | None) -> tuple[float | None, bool]:
     """The timeout capped by :data:`_SLICE`, and whether the cap applied."""
     cap = _SLICE.get()
@@ -190,6 +195,15 @@ def wait(environ: Environ, fd: FdLike, write: bool, timeout: float | None) -> St
         return _returning(True)
     kind = host_kind(environ)
     if kind == "async":
+        # Started (again) by first(): finish at once when ready, or the wait
+        # that was decided would be asked for and decided forever.
+        if (
+            _CHECK.get()
+            and target is fd
+            and (isinstance(fd, int) or hasattr(fd, "fileno"))
+            and poll(_fileno(fd), write, 0)
+        ):
+            return _returning(True)
         return _AsyncWait(environ, target, write, timeout)
     timeout, sliced = _sliced(timeout)
     if kind == "fdevent":
@@ -483,7 +497,7 @@ def first(environ: Environ, ops: Sequence[Any], timeout: float | None) -> Steps:
     app is resumed every op is closed (cancelling its wait) and started
     afresh: an op checks before it waits, so the one whose wait was decided
     finishes at once, and the others wait again. Elsewhere the ops take
-    turns, each waiting at most :data:`FIRST_SLICE` seconds.
+    turns, each waiting at most ``FIRST_SLICE`` seconds.
     """
     if not ops:
         raise UsageError("first() needs at least one operation")
@@ -500,12 +514,15 @@ def _first_together(environ: Environ, ops: Sequence[Any], timeout: float | None)
         started: list[Steps] = []
         try:
             for index, op in enumerate(ops):
-                steps = op.perform()
-                started.append(steps)
+                token = _CHECK.set(True)
                 try:
+                    steps = op.perform()
+                    started.append(steps)
                     steps.send(None)  # it asked for its wait and gives its b""
                 except StopIteration as stop:
                     return index, stop.value
+                finally:
+                    _CHECK.reset(token)
             # Also the witness that the b"" reached the host: the host settles
             # every wait of the yield when it resumes the app, so a timer still
             # pending then means middleware drained the iterable (4.6).
@@ -537,7 +554,15 @@ def _first_in_turn(ops: Sequence[Any], timeout: float | None) -> Steps:
             left = _remaining(deadline)
             if left is not None and left <= 0:
                 raise Timeout(f"none of the operations finished within {timeout} seconds")
-            steps = op.perform()
+            # Ops that ask for their wait when created (readable, writable)
+            # must see the slice too.
+            token = _SLICE.set(FIRST_SLICE if left is None else min(FIRST_SLICE, left))
+            try:
+                steps = op.perform()
+            except _SliceOver:  # the blocking host waits right in perform()
+                continue
+            finally:
+                _SLICE.reset(token)
             try:
                 while True:
                     # The slice is set only while the op runs, never across

@@ -13,6 +13,7 @@ from collections.abc import Generator, Sequence
 from typing import Any, Generic, TypeVar
 
 from asyncapp.app import hosts
+from asyncapp.errors import UsageError
 from asyncapp.protocol import FdLike
 
 __all__ = [
@@ -267,4 +268,8 @@ def first(environ: Environ, *ops: Op[Any], timeout: float | None = None) -> Firs
     slower to answer and never fully idle. There a ``read`` of the request
     body blocks until data comes.
     """
+    for op in ops:
+        if isinstance(op, Sleep):
+            # Started again at every resume, a sleep would never end.
+            raise UsageError("first() takes no sleep(); give it timeout= instead")
     return First(environ, ops, timeout)
