@@ -2,38 +2,22 @@
 
 * :func:`make_app` builds, in each app style (``generator``, ``async``,
   ``green``), an app that runs a list of steps and answers with a JSON list
-  of what each step returned (exceptions recorded by class name).
+  of what each step returned; :data:`MIDDLEWARES` are inserted between host
+  and app. Both live in ``matrix_apps.py`` (the engine processes import
+  them too, and its docstring lists the steps) and are re-exported here.
 * :func:`serve` / :func:`serve_many` run such apps on every host kind: four
-  :class:`asyncapp.testing.Host` flavours and a real ``wsgiref`` server in a
-  background thread (the blocking fallback, with ``wsgiref.validate`` around
-  the app on both sides of the middleware).
-* :data:`MIDDLEWARES` are inserted between host and app.
-
-Steps (tuples; fds are ints the test owns):
-
-``("read", size, timeout)``
-    one ``read``; records ``data``
-``("read_n", n)``
-    ``read(n - got)`` until ``n`` bytes or the end; records ``chunks``
-``("read_all", size)``
-    ``read(size)`` until ``b""``; records ``chunks`` (the last one is ``""``)
-``("readable", fd, timeout)`` / ``("writable", fd, timeout)``
-    records ``result``
-``("readable_input", timeout)``
-    ``readable`` on the ``wsgi.input`` the app holds; records ``result``
-``("sleep", seconds)``
-    records nothing but ``elapsed``
-``("send", fd, data)``
-    ``os.write(fd, data)``, a plain blocking call
-
-Every record has ``op`` and ``elapsed`` (seconds, monotonic), and ``error``
-(the exception's class name) when the step raised.
+  :class:`asyncapp.testing.Host` flavours; the bundled server and uvicorn
+  with ``to_asgi`` in a thread (:class:`LiveServer`); the engines in
+  processes of their own (gunicorn with asyncapp's worker, uvicorn with
+  uvloop, hypercorn, gevent.pywsgi, ``gunicorn -k gevent``: see
+  ``matrix_engines.py``), which rebuild the app from its description; and a
+  real ``wsgiref`` server in a background thread (the blocking fallback,
+  with ``wsgiref.validate`` around the app on both sides of the middleware).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import http.client
 import io
 import itertools
@@ -42,37 +26,66 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from pathlib import Path
+from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from wsgiref.validate import validator
 
 import pytest
+from matrix_apps import (
+    MIDDLEWARES,
+    STYLES,
+    Environ,
+    Middleware,
+    Record,
+    StartResponse,
+    Step,
+    WSGIApp,
+    deep_copy,
+    deep_copy_environ,
+    make_app,
+    replace_input,
+    shallow_copy,
+)
+from matrix_engines import Engine, FdServer, describe, log_tail, start_engine
 
-import asyncapp
 import asyncapp.app.hosts
-import asyncapp.green
 from asyncapp.testing import Host
 
-Environ: TypeAlias = dict[str, Any]
-StartResponse: TypeAlias = Callable[..., Any]
-WSGIApp: TypeAlias = Callable[[Environ, StartResponse], Iterable[bytes]]
-Middleware: TypeAlias = Callable[[WSGIApp], WSGIApp]
-Step: TypeAlias = tuple[Any, ...]
-Record: TypeAlias = dict[str, Any]
-
-STYLES = ("generator", "async", "green")
-HOST_KINDS = ("async+fdevent", "async", "fdevent", "uwsgi", "server", "asgi", "blocking")
-#: Hosts that suspend apps instead of blocking.
+#: Real servers in a thread of the test process (:class:`LiveServer`).
+LIVE_HOSTS = ("server", "asgi")
+#: Engines in processes of their own (``matrix_engines.py``).
+ENGINE_HOSTS = ("gunicorn", "uvicorn-uvloop", "hypercorn", "gevent", "gunicorn-gevent")
+#: gevent.pywsgi and ``gunicorn -k gevent``: no extension, so the blocking
+#: fallback, whose waits go to gevent's hub: requests still overlap.
+GEVENT_HOSTS = ("gevent", "gunicorn-gevent")
+HOST_KINDS = (
+    "async+fdevent",
+    "async",
+    "fdevent",
+    "uwsgi",
+    *LIVE_HOSTS,
+    *ENGINE_HOSTS,
+    "blocking",
+)
+#: Hosts that serve requests concurrently: all but wsgiref, which serves one
+#: at a time (on gevent the fallback blocks only the request's greenlet).
 NONBLOCKING_HOSTS = HOST_KINDS[:-1]
 #: Hosts whose body reads are non-blocking (``x-wsgiorg.async``); on the
 #: fdevent-only hosts the body is read with ordinary (pre-read) calls.
-ASYNC_READ_HOSTS = ("async+fdevent", "async", "server", "asgi")
-#: Real servers in a thread of the test process (:class:`LiveServer`). gevent
-#: runs in processes of its own instead (tests/test_gevent.py).
-LIVE_HOSTS = ("server", "asgi")
+ASYNC_READ_HOSTS = (
+    "async+fdevent",
+    "async",
+    *LIVE_HOSTS,
+    "gunicorn",
+    "uvicorn-uvloop",
+    "hypercorn",
+)
+#: Hosts that offer neither extension: apps take the blocking fallback.
+FALLBACK_HOSTS = ("blocking", *GEVENT_HOSTS)
 
 _HOST_OPTIONS: dict[str, dict[str, Any]] = {
     "async+fdevent": {"extensions": ("async", "fdevent")},
@@ -83,275 +96,6 @@ _HOST_OPTIONS: dict[str, dict[str, Any]] = {
 
 #: Bound on every single request, in seconds.
 REQUEST_TIMEOUT = 15.0
-
-
-# -- the apps ---------------------------------------------------------------
-
-
-def _text(data: bytes) -> str:
-    return data.decode("latin-1")
-
-
-def _dump(results: list[Record]) -> bytes:
-    return json.dumps(results).encode()
-
-
-def _gen_step(environ: Environ, step: Step) -> Generator[Any, Any, Record]:
-    op = step[0]
-    record: Record = {"op": op}
-    start = time.monotonic()
-    try:
-        if op == "read":
-            record["data"] = _text((yield from asyncapp.read(environ, step[1], step[2])))
-        elif op == "read_n":
-            chunks: list[str] = []
-            got = 0
-            while got < step[1]:
-                chunk = yield from asyncapp.read(environ, step[1] - got)
-                chunks.append(_text(chunk))
-                got += len(chunk)
-                if not chunk:
-                    break
-            record["chunks"] = chunks
-        elif op == "read_all":
-            chunks = []
-            while True:
-                chunk = yield from asyncapp.read(environ, step[1])
-                chunks.append(_text(chunk))
-                if not chunk:
-                    break
-            record["chunks"] = chunks
-        elif op == "readable":
-            record["result"] = yield from asyncapp.readable(environ, step[1], step[2])
-        elif op == "writable":
-            record["result"] = yield from asyncapp.writable(environ, step[1], step[2])
-        elif op == "readable_input":
-            record["result"] = yield from asyncapp.readable(environ, environ["wsgi.input"], step[1])
-        elif op == "sleep":
-            yield from asyncapp.sleep(environ, step[1])
-        elif op == "send":
-            os.write(step[1], step[2])
-        else:
-            raise ValueError(f"unknown step {step!r}")
-    except Exception as error:
-        record["error"] = type(error).__name__
-    record["elapsed"] = time.monotonic() - start
-    return record
-
-
-async def _async_step(environ: Environ, step: Step) -> Record:
-    op = step[0]
-    record: Record = {"op": op}
-    start = time.monotonic()
-    try:
-        if op == "read":
-            record["data"] = _text(await asyncapp.read(environ, step[1], step[2]))
-        elif op == "read_n":
-            chunks: list[str] = []
-            got = 0
-            while got < step[1]:
-                chunk = await asyncapp.read(environ, step[1] - got)
-                chunks.append(_text(chunk))
-                got += len(chunk)
-                if not chunk:
-                    break
-            record["chunks"] = chunks
-        elif op == "read_all":
-            chunks = []
-            while True:
-                chunk = await asyncapp.read(environ, step[1])
-                chunks.append(_text(chunk))
-                if not chunk:
-                    break
-            record["chunks"] = chunks
-        elif op == "readable":
-            record["result"] = await asyncapp.readable(environ, step[1], step[2])
-        elif op == "writable":
-            record["result"] = await asyncapp.writable(environ, step[1], step[2])
-        elif op == "readable_input":
-            record["result"] = await asyncapp.readable(environ, environ["wsgi.input"], step[1])
-        elif op == "sleep":
-            await asyncapp.sleep(environ, step[1])
-        elif op == "send":
-            os.write(step[1], step[2])
-        else:
-            raise ValueError(f"unknown step {step!r}")
-    except Exception as error:
-        record["error"] = type(error).__name__
-    record["elapsed"] = time.monotonic() - start
-    return record
-
-
-# Green style: the suspending calls are made a few frames down, in helpers
-# that know nothing about the app, as library code would.
-
-
-def _green_read_chunks(environ: Environ, size: int, limit: int | None) -> list[str]:
-    chunks: list[str] = []
-    got = 0
-    while limit is None or got < limit:
-        want = size if limit is None else limit - got
-        chunk = asyncapp.green.read(environ, want)
-        chunks.append(_text(chunk))
-        got += len(chunk)
-        if not chunk:
-            break
-    return chunks
-
-
-def _green_wait(environ: Environ, write: bool, fd: Any, timeout: float | None) -> bool:
-    if write:
-        return asyncapp.green.writable(environ, fd, timeout)
-    return asyncapp.green.readable(environ, fd, timeout)
-
-
-def _green_step(environ: Environ, step: Step) -> Record:
-    op = step[0]
-    record: Record = {"op": op}
-    start = time.monotonic()
-    try:
-        if op == "read":
-            record["data"] = _text(asyncapp.green.read(environ, step[1], step[2]))
-        elif op == "read_n":
-            record["chunks"] = _green_read_chunks(environ, step[1], step[1])
-        elif op == "read_all":
-            record["chunks"] = _green_read_chunks(environ, step[1], None)
-        elif op in ("readable", "writable"):
-            record["result"] = _green_wait(environ, op == "writable", step[1], step[2])
-        elif op == "readable_input":
-            record["result"] = _green_wait(environ, False, environ["wsgi.input"], step[1])
-        elif op == "sleep":
-            asyncapp.green.sleep(environ, step[1])
-        elif op == "send":
-            os.write(step[1], step[2])
-        else:
-            raise ValueError(f"unknown step {step!r}")
-    except Exception as error:
-        record["error"] = type(error).__name__
-    record["elapsed"] = time.monotonic() - start
-    return record
-
-
-_HEADERS = [("Content-Type", "application/json")]
-
-
-def make_app(style: str, steps: Sequence[Step]) -> WSGIApp:
-    """An app in ``style`` that runs ``steps`` and answers with their records.
-
-    Every style calls ``start_response`` only after the steps, right before
-    its one body chunk, so nothing but the ``b""`` of waits precedes it.
-    """
-    steps = list(steps)
-    if style == "generator":
-
-        @asyncapp.coroutine
-        def generator_app(environ: Environ, start_response: StartResponse) -> Iterator[Any]:
-            results = []
-            for step in steps:
-                results.append((yield from _gen_step(environ, step)))
-            start_response("200 OK", list(_HEADERS))
-            yield _dump(results)
-
-        return generator_app
-    if style == "async":
-
-        @asyncapp.coroutine
-        async def async_app(environ: Environ, start_response: StartResponse) -> Any:
-            results = [await _async_step(environ, step) for step in steps]
-            start_response("200 OK", list(_HEADERS))
-            yield _dump(results)
-
-        return async_app
-    if style == "green":
-
-        @asyncapp.green.app
-        def green_app(environ: Environ, start_response: StartResponse) -> list[bytes]:
-            results = [_green_step(environ, step) for step in steps]
-            start_response("200 OK", list(_HEADERS))
-            return [_dump(results)]
-
-        return green_app
-    raise ValueError(f"unknown style {style!r}")
-
-
-# -- middleware ---------------------------------------------------------------
-
-
-def _read_exactly(stream: Any, length: int) -> bytes:
-    data = bytearray()
-    while len(data) < length:
-        chunk = stream.read(length - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return bytes(data)
-
-
-def replace_input(app: WSGIApp) -> WSGIApp:
-    """Reads the whole body and hands the app a ``BytesIO`` in its place.
-
-    The replacement holds the body *uppercased*, so a test can tell which of
-    the two inputs the app's reads reached.
-    """
-
-    def middleware(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
-        length = int(environ.get("CONTENT_LENGTH") or 0)
-        body = _read_exactly(environ["wsgi.input"], length).upper()
-        environ["wsgi.input"] = io.BytesIO(body)
-        environ["CONTENT_LENGTH"] = str(len(body))
-        return app(environ, start_response)
-
-    return middleware
-
-
-def shallow_copy(app: WSGIApp) -> WSGIApp:
-    """Calls the app with ``dict(environ)``: the host never sees its writes."""
-
-    def middleware(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
-        return app(dict(environ), start_response)
-
-    return middleware
-
-
-def deep_copy_environ(environ: Environ) -> Environ:
-    """``copy.deepcopy`` of the environ, the way a real middleware must do it.
-
-    A plain ``copy.deepcopy(environ)`` fails on any real server: sockets and
-    file objects cannot be copied. So, as such middleware does, the memo is
-    seeded so that ``wsgi.input``, ``wsgi.errors`` and every callable
-    (server extensions, ``wsgi.file_wrapper``) stay shared by reference, and
-    any other value that refuses to be copied is shared as well. Everything
-    else is copied, in particular the fdevent timeout flag: the app's flag is
-    a private copy the host never updates, the worst case for timeouts.
-    """
-    memo: dict[int, Any] = {}
-    for key, value in environ.items():
-        if key in ("wsgi.input", "wsgi.errors") or callable(value):
-            memo[id(value)] = value
-    copied: Environ = {}
-    for key, value in environ.items():
-        try:
-            copied[key] = copy.deepcopy(value, memo)
-        except (TypeError, copy.Error):
-            copied[key] = value
-    return copied
-
-
-def deep_copy(app: WSGIApp) -> WSGIApp:
-    """Calls the app with :func:`deep_copy_environ` of the environ."""
-
-    def middleware(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
-        return app(deep_copy_environ(environ), start_response)
-
-    return middleware
-
-
-MIDDLEWARES: dict[str, Middleware | None] = {
-    "none": None,
-    "replace_input": replace_input,
-    "shallow_copy": shallow_copy,
-    "deep_copy": deep_copy,
-}
 
 
 # -- the blocking fallback: wsgiref in a thread ---------------------------------
@@ -531,20 +275,35 @@ class LiveServer:
 
 @dataclass
 class Target:
-    """One host of the matrix: a fresh :class:`Host`, or the wsgiref server."""
+    """One host of the matrix: a fresh :class:`Host`, a live server in a
+    thread, an engine process, or the wsgiref server."""
 
     kind: str
     host: Host | None = None
     server: BlockingServer | None = None
     live: LiveServer | None = None
+    remote: Engine | None = None
 
     @property
     def blocking(self) -> bool:
+        """wsgiref: one request at a time, each blocking the server."""
         return self.kind == "blocking"
+
+    @property
+    def fallback(self) -> bool:
+        """Apps take the blocking fallback (wsgiref, gevent): a read blocks
+        until data comes and enforces no timeout."""
+        return self.kind in FALLBACK_HOSTS
 
     @property
     def async_reads(self) -> bool:
         return self.kind in ASYNC_READ_HOSTS
+
+    @property
+    def reads_ahead(self) -> bool:
+        """gunicorn's ``wsgi.input`` (``-k gevent``): a read waits until it
+        holds 1 KiB or the rest of the body, more than it was asked for."""
+        return self.kind == "gunicorn-gevent"
 
     @property
     def whole_seconds(self) -> bool:
@@ -620,14 +379,44 @@ def _live_request(
     return _response(status, headers, data)
 
 
+def remote_request(
+    engine: Engine,
+    app: WSGIApp,
+    method: str,
+    segments: Sequence[bytes],
+    delay: float,
+    middleware: Middleware | None,
+    report: int | None = None,
+) -> Response:
+    """``app`` (made by :func:`make_app`) rebuilt and run by ``engine``.
+
+    A failed request carries the tail of the engine's log (its traceback).
+    """
+    with describe(engine, app, middleware, report) as spec:
+        status, headers, data = _http_request(
+            engine.port, method, "/matrix", segments, delay, {"X-Matrix-App": spec}
+        )
+    response = _response(status, headers, data)
+    if status != 200:
+        response.server_log = log_tail(engine)
+    return response
+
+
 def _http_request(
-    port: int, method: str, path: str, segments: Sequence[bytes], delay: float
+    port: int,
+    method: str,
+    path: str,
+    segments: Sequence[bytes],
+    delay: float,
+    extra: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
     """One request to 127.0.0.1:``port``, its body sent in paced segments."""
     body = b"".join(segments)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=REQUEST_TIMEOUT)
     with contextlib.closing(conn):
         conn.putrequest(method, path)
+        for name, value in (extra or {}).items():
+            conn.putheader(name, value)
         if body or method in ("POST", "PUT"):
             conn.putheader("Content-Type", "application/octet-stream")
             conn.putheader("Content-Length", str(len(body)))
@@ -671,6 +460,8 @@ def serve(
     parts = _segments(body, segments)
     if target.live is not None:
         return _live_request(target.live, app, method, parts, delay, middleware)
+    if target.remote is not None:
+        return remote_request(target.remote, app, method, parts, delay, middleware)
     if target.server is not None:
         return _blocking_request(
             target.server, app, method, parts, delay, middleware, strict, validate
@@ -695,16 +486,25 @@ def serve_many(
 ) -> tuple[list[Response], float]:
     """Start every app at once on ``target``; their responses and the wall time.
 
-    On a :class:`Host` all calls share one loop (one thread); on the
-    blocking host each request comes from its own client thread.
+    On a :class:`Host` all calls share one loop (one thread); on a real
+    server each request comes from its own client thread.
     """
     start = time.monotonic()
-    if target.live is not None:
-        live = target.live
+    if target.live is not None or target.remote is not None:
         with ThreadPoolExecutor(max_workers=len(apps)) as pool:
-            futures = [
-                pool.submit(_live_request, live, app, method, [], 0.0, middleware) for app in apps
-            ]
+            if target.live is not None:
+                live = target.live
+                futures = [
+                    pool.submit(_live_request, live, app, method, [], 0.0, middleware)
+                    for app in apps
+                ]
+            else:
+                remote = target.remote
+                assert remote is not None
+                futures = [
+                    pool.submit(remote_request, remote, app, method, [], 0.0, middleware)
+                    for app in apps
+                ]
             responses = [f.result(timeout=REQUEST_TIMEOUT * len(apps)) for f in futures]
         return responses, time.monotonic() - start
     if target.server is not None:
@@ -774,7 +574,7 @@ def no_fd_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     params = callspec.params if callspec is not None else {}
     kind = params.get("target", params.get("nonblocking_target"))
     marked = request.node.get_closest_marker("no_fd_leaks") is not None
-    if not marked or kind is None or kind == "blocking" or kind in LIVE_HOSTS:
+    if not marked or kind not in _HOST_OPTIONS:
         yield
         return
     asyncapp.app.hosts._never_ready_fd()  # fdevent sleeps' pipe: one per process
@@ -795,7 +595,44 @@ def live_servers() -> Iterator[dict[str, LiveServer]]:
             server.close()
 
 
+@pytest.fixture(scope="session")
+def fd_server() -> Iterator[FdServer]:
+    """Hands the engine processes the fds a test's steps name."""
+    server = FdServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def engines(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[[str], Engine]]:
+    """The engine processes, each started on first use, all stopped at the end.
+
+    Their logs are files in a session temporary directory.
+    """
+    running: dict[str, Engine] = {}
+    logs: Path | None = None
+    with contextlib.ExitStack() as stack:
+
+        def get(kind: str) -> Engine:
+            nonlocal logs
+            if kind not in running:
+                if logs is None:
+                    logs = tmp_path_factory.mktemp("engines")
+                fds = request.getfixturevalue("fd_server")
+                running[kind] = stack.enter_context(start_engine(kind, logs / f"{kind}.log", fds))
+            return running[kind]
+
+        yield get
+
+
 def _target(request: pytest.FixtureRequest, kind: str) -> Iterator[Target]:
+    if kind in ENGINE_HOSTS:
+        yield Target(kind, remote=request.getfixturevalue("engines")(kind))
+        return
     if kind in LIVE_HOSTS:
         servers = request.getfixturevalue("live_servers")
         if kind not in servers:
@@ -868,16 +705,27 @@ def fds() -> Iterator[FdFactory]:
 
 __all__ = [
     "ASYNC_READ_HOSTS",
+    "ENGINE_HOSTS",
+    "FALLBACK_HOSTS",
+    "GEVENT_HOSTS",
     "HOST_KINDS",
     "MIDDLEWARES",
     "NONBLOCKING_HOSTS",
     "STYLES",
     "BlockingServer",
+    "Environ",
     "FdFactory",
+    "Record",
     "Response",
+    "StartResponse",
+    "Step",
     "Target",
+    "deep_copy",
     "deep_copy_environ",
     "make_app",
+    "remote_request",
+    "replace_input",
     "serve",
     "serve_many",
+    "shallow_copy",
 ]

@@ -6,15 +6,21 @@ asyncapp test host with both extensions, ``x-wsgiorg.async`` alone,
 ``x-wsgiorg.fdevent`` alone, fdevent with uWSGI's quirks, the bundled server
 (what each ``asyncapp.gunicorn.Worker`` runs) and uvicorn through
 ``asyncapp.asgi.to_asgi`` (the same ``AppTask`` over asyncio), both live in a
-thread and behind a plain dispatcher on their thread pools, and a real
-``wsgiref`` server (the blocking fallback, under ``wsgiref.validate``).
-Middleware between host and app: none, a replaced ``wsgi.input``, a shallow
-and a deep copy of the environ. The apps and hosts live in ``conftest.py``.
+thread and behind a plain dispatcher on their thread pools; the engines as
+real processes behind a plain dispatcher: a gunicorn master with 2
+``asyncapp.gunicorn.Worker`` workers, ``to_asgi`` on uvicorn (uvloop) and on
+hypercorn, gevent.pywsgi not monkey-patched and ``gunicorn -k gevent`` (the
+blocking fallback, waiting on gevent's hub); and a real ``wsgiref`` server
+(the blocking fallback, under ``wsgiref.validate``). Middleware between host
+and app: none, a replaced ``wsgi.input``, a shallow and a deep copy of the
+environ. The apps live in ``matrix_apps.py``, the hosts in ``conftest.py``
+and ``matrix_engines.py``.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -29,6 +35,7 @@ from conftest import (
     serve,
     serve_many,
 )
+from matrix_engines import Engine
 
 import asyncapp
 from asyncapp.protocol import FDEVENT_READABLE, FDEVENT_TIMEOUT, TimeoutFlag
@@ -116,11 +123,17 @@ def test_read_timeout_raises_timeout_the_app_can_catch(
         assert "".join(rest["chunks"]) == expected[6:]
     else:
         # Blocking reads (the fallback, fdevent's pre-read body, a replaced
-        # input) do not enforce the timeout: the data just arrives.
+        # input) do not enforce the timeout: the data just arrives. On gevent
+        # too: the read blocks only its greenlet, but it blocks.
         assert "error" not in timed, response.records
         assert timed["data"], timed
         assert timed["data"] + "".join(rest["chunks"]) == expected[6:]
-        if target.blocking and middleware_name != "replace_input":
+        if target.fallback and middleware_name != "replace_input" and target.reads_ahead:
+            # The first read waited for the whole (short) body, the late
+            # segment included; the timed read found its data buffered.
+            assert first["elapsed"] > READ_TIMEOUT, response.records
+            assert timed["elapsed"] < READ_TIMEOUT, response.records
+        elif target.fallback and middleware_name != "replace_input":
             assert timed["elapsed"] > READ_TIMEOUT, "the read should have outlasted its timeout"
 
 
@@ -188,6 +201,7 @@ def test_sleeps_overlap_on_nonblocking_hosts_and_complete_on_blocking(
         # blocks its thread: correct, not concurrent.
         assert elapsed >= calls * SLEEP - EPSILON, elapsed
     else:
+        # On gevent as well: the fallback's sleeps wait on gevent's hub.
         assert elapsed < calls * at_least / 2, f"sleeps did not overlap: {elapsed:.2f}s"
 
 
@@ -241,6 +255,20 @@ def test_validator_complaints_are_caught(blocking_server: BlockingServer) -> Non
     assert "start_response" in response.server_log
     with pytest.raises(AssertionError, match="complained"):
         serve(target, rude_app, "GET")
+
+
+def test_an_engine_that_cannot_rebuild_the_app_fails_the_request(
+    engines: Callable[[str], Engine], fds: FdFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure in the engine is a failed request, with the engine's log."""
+    engine = engines("gunicorn")
+    # A token the fd server never issued: the engine cannot fetch the fd.
+    monkeypatch.setattr(engine.fd_server, "offer", lambda fds: "no-such-token")
+    _, peer = fds.socketpair()
+    app = make_app("generator", [("send", peer, b"x")])
+    response = serve(Target("gunicorn", remote=engine), app, "GET")
+    assert response.status == 500
+    assert "fd exchange failed" in response.server_log, response.server_log
 
 
 def test_app_errors_fail_the_request_on_a_host() -> None:
