@@ -69,6 +69,7 @@ from asyncapp.protocol import ASYNC_WEBSOCKET, is_nonblocking
 from asyncapp.server.exchange import check_websocket_headers
 from asyncapp.server.http11 import HOP_BY_HOP, ResponseError, check_status, prepare_headers
 from asyncapp.websocket import handshake
+from asyncapp.websocket.handle import HandleBase
 from asyncapp.websocket.session import Inbox, Limits, check_close
 
 __all__ = ["AsgiWebSocket", "AsyncioLoop", "BodyReader", "to_asgi"]
@@ -607,24 +608,7 @@ def _websocket_environ(scope: Scope, multithread: bool) -> dict[str, Any]:
     return environ
 
 
-class _WsWait:
-    """The app's one pending wait on the handle (``readable``/``writable``)."""
-
-    __slots__ = ("callback", "write", "ws")
-
-    def __init__(
-        self, ws: AsgiWebSocket, callback: Callable[[OSError | None], None], write: bool
-    ) -> None:
-        self.ws = ws
-        self.callback = callback
-        self.write = write
-
-    def cancel(self) -> None:
-        if self.ws._waiter is self:
-            self.ws._waiter = None
-
-
-class AsgiWebSocket:
+class AsgiWebSocket(HandleBase):
     """The WebSocket handle of the ASGI bridge (``docs/protocol.md`` 3.8).
 
     The same interface, and the same bookkeeping of incoming messages
@@ -634,29 +618,14 @@ class AsgiWebSocket:
     queued for ``send()`` that the ASGI server has not taken yet.
     """
 
-    __slots__ = ("_app_knows", "_ended", "_waiter", "buffered", "exchange", "inbox", "subprotocol")
+    __slots__ = ("buffered", "exchange")
 
     def __init__(
         self, exchange: _WebSocketExchange, limits: Limits, subprotocol: str | None
     ) -> None:
+        super().__init__(Inbox(limits), subprotocol)
         self.exchange = exchange
-        self.inbox = Inbox(limits)
-        self.subprotocol = subprotocol
         self.buffered = 0
-        self._waiter: _WsWait | None = None
-        #: The app saw the end (receive gave None, send raised) or began it
-        #: (close): its iterable is not closed under it when the end comes.
-        self._app_knows = False
-        #: The end was told to the app.
-        self._ended = False
-
-    @property
-    def close_code(self) -> int | None:
-        return self.inbox.close_code
-
-    @property
-    def close_reason(self) -> str:
-        return self.inbox.close_reason
 
     def receive(self) -> str | bytes | None:
         """The next whole message, None once closed; BlockingIOError if none yet."""
@@ -710,16 +679,8 @@ class AsgiWebSocket:
             return self.inbox.state != "open" or self.buffered < WRITE_BUFFER_HIGH
         return self.inbox.ready()
 
-    def wait_ready(self, callback: Callable[[OSError | None], None], write: bool) -> _WsWait:
-        """Call ``callback(None)`` once :meth:`ready_now` holds."""
-        waiter = self._waiter = _WsWait(self, callback, write)
-        return waiter
-
-    def wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and self.ready_now(waiter.write):
-            self._waiter = None
-            waiter.callback(None)
+    def running_task(self) -> _WebSocketExchange:
+        return self.exchange
 
     # -- the bridge's side ---------------------------------------------------------------
     def received(self, message: Message) -> None:
@@ -768,24 +729,6 @@ class AsgiWebSocket:
             inbox.close_code, inbox.close_reason = code, reason
         inbox.state = "closed"
         self.waiter_or_close()
-
-    def waiter_or_close(self) -> None:
-        """The WebSocket is closed: wake the app's wait, or end an app waiting elsewhere."""
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            waiter.callback(None)  # receive() gives None; send() raises
-            self._ended = True
-            return
-        if self._ended:
-            return
-        self._ended = True
-        exchange = self.exchange
-        if not self._app_knows and exchange.pending_wait():
-            # Suspended on something else (a channel, a sleep): it would not
-            # hear of the end until that wait is over (3.8). From the loop,
-            # never from inside the call that found the end.
-            exchange.loop.call_soon(exchange.close)
 
     def __repr__(self) -> str:
         return f"<AsgiWebSocket {self.inbox.state} code={self.close_code}>"

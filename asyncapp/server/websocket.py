@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from asyncapp.errors import ClientGone
+from asyncapp.websocket.handle import HandleBase
 from asyncapp.websocket.session import Message, Session
 
 if TYPE_CHECKING:
@@ -43,36 +43,10 @@ __all__ = ["ServerWebSocket"]
 log = logging.getLogger("asyncapp.server")
 
 
-class _Wait:
-    """The app's one pending wait on the handle (``readable``/``writable``)."""
-
-    __slots__ = ("callback", "write", "ws")
-
-    def __init__(
-        self, ws: ServerWebSocket, callback: Callable[[OSError | None], None], write: bool
-    ) -> None:
-        self.ws = ws
-        self.callback = callback
-        self.write = write
-
-    def cancel(self) -> None:
-        if self.ws._waiter is self:
-            self.ws._waiter = None
-
-
-class ServerWebSocket:
+class ServerWebSocket(HandleBase):
     """The host's WebSocket handle on the bundled server (see the module doc)."""
 
-    __slots__ = (
-        "_app_knows",
-        "_ended",
-        "_shut",
-        "_waiter",
-        "conn",
-        "session",
-        "subprotocol",
-        "task",
-    )
+    __slots__ = ("_shut", "conn", "session", "task")
 
     def __init__(
         self, conn: Connection, task: Exchange, session: Session, subprotocol: str | None
@@ -80,26 +54,12 @@ class ServerWebSocket:
         self.conn = conn
         #: The exchange running the app; None once the app has ended.
         self.task: Exchange | None = task
+        super().__init__(session, subprotocol)
         self.session = session
-        self.subprotocol = subprotocol
-        self._waiter: _Wait | None = None
-        #: The app saw the end (receive gave None, send raised) or began it
-        #: (close): its iterable is not closed under it when the end comes.
-        self._app_knows = False
-        #: The end was told to the app (or it had ended).
-        self._ended = False
         #: This side of the TCP connection is shut down (after the close).
         self._shut = False
 
     # -- the handle: what the app calls ----------------------------------------------
-    @property
-    def close_code(self) -> int | None:
-        return self.session.close_code
-
-    @property
-    def close_reason(self) -> str:
-        return self.session.close_reason
-
     @property
     def buffered(self) -> int:
         """Bytes sent by the app that the peer has not taken yet."""
@@ -153,16 +113,8 @@ class ServerWebSocket:
             )
         return self.session.ready()
 
-    def wait_ready(self, callback: Callable[[OSError | None], None], write: bool) -> _Wait:
-        """Call ``callback(None)`` once :meth:`ready_now` holds (the app waits on one thing)."""
-        waiter = self._waiter = _Wait(self, callback, write)
-        return waiter
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and self.ready_now(waiter.write):
-            self._waiter = None
-            waiter.callback(None)
+    def running_task(self) -> Exchange | None:
+        return self.task
 
     # -- the connection's side -----------------------------------------------------------
     def received(self, data: bytes) -> None:
@@ -217,7 +169,7 @@ class ServerWebSocket:
     def transport_closed(self) -> None:
         """The connection is closed (by the peer, a failure, or after the close)."""
         self.session.receive_eof()
-        self._waiter_or_close()
+        self.waiter_or_close()
 
     def _after(self) -> None:
         """After any event: write what the session has, end the transport when
@@ -231,7 +183,7 @@ class ServerWebSocket:
             if conn.closed:
                 return  # the write failed: transport_closed() did the rest
         if self.session.state == "closed":
-            self._waiter_or_close()
+            self.waiter_or_close()
             if not self._shut and not conn.out:
                 self._shut = True
                 try:
@@ -240,26 +192,8 @@ class ServerWebSocket:
                     conn.abort()
                     return
         else:
-            self._wake()
+            self.wake()
         conn.update_reading()
-
-    def _waiter_or_close(self) -> None:
-        """The session is closed: wake the app's wait, or end an app waiting elsewhere."""
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            waiter.callback(None)  # receive() gives None; send() raises
-            self._ended = True
-            return
-        if self._ended:
-            return
-        self._ended = True
-        task = self.task
-        if task is not None and not self._app_knows and task.pending_wait():
-            # Suspended on something else (a channel, a sleep): it would not
-            # hear of the end until that wait is over. Closed from the loop,
-            # never from inside the call that found the end.
-            task.loop.call_soon(task.close)
 
     def __repr__(self) -> str:
         return f"<ServerWebSocket {self.session!r} fd={self.conn.fd}>"
