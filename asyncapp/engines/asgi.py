@@ -59,11 +59,10 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any, Final
 
-from asyncapp.app.coroutine import Driver
 from asyncapp.errors import ClientGone, UsageError
 from asyncapp.host.body import InputStream
 from asyncapp.host.loop import Watch
-from asyncapp.host.task import AppTask, close_app
+from asyncapp.host.task import AppTask
 from asyncapp.host.threadpool import ThreadPool
 from asyncapp.protocol import ASYNC_WEBSOCKET, is_nonblocking
 from asyncapp.server.exchange import check_websocket_headers
@@ -547,7 +546,7 @@ class _Exchange(AppTask):
                     functools.partial(app, self.environ, self.start_response), pool
                 )
             else:
-                self._run_inline(app)
+                self.start_inline(app, self.start_response)
             await self._done
         finally:
             self._feeder.cancel()
@@ -558,22 +557,6 @@ class _Exchange(AppTask):
                 sender.cancel()
             self.environ = None  # type: ignore[assignment]
             self.own_input = self.reader = self.result = self.iterable = None
-
-    def _run_inline(self, app: WSGIApp) -> None:
-        try:
-            result = app(self.environ, self.start_response)
-        except Exception as error:
-            self.done = True
-            self.finished(error)
-            return
-        self.result = result
-        try:
-            self.iterable = result if result.__class__ is Driver else iter(result)
-        except Exception as error:
-            self.done = True
-            self.finished(close_app(result, error))
-            return
-        self.step()
 
 
 # -- WebSockets ----------------------------------------------------------------------
@@ -946,7 +929,7 @@ class _WebSocketExchange(AppTask):
                     functools.partial(app, self.environ, self.start_response), pool
                 )
             else:
-                self._run_inline(app)
+                self.start_inline(app, self.start_response)
             await self._accepted_or_done
             ws = self.ws
             if ws is None:
@@ -1010,22 +993,6 @@ class _WebSocketExchange(AppTask):
         else:
             # The server answers 403 (ASGI: a close before the accept).
             await self._send({"type": "websocket.close", "code": 1000})
-
-    def _run_inline(self, app: WSGIApp) -> None:
-        try:
-            result = app(self.environ, self.start_response)
-        except Exception as error:
-            self.done = True
-            self.finished(error)
-            return
-        self.result = result
-        try:
-            self.iterable = result if result.__class__ is Driver else iter(result)
-        except Exception as error:
-            self.done = True
-            self.finished(close_app(result, error))
-            return
-        self.step()
 
 
 class _Bridge:

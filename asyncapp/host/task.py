@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, TypeVar
 
-from asyncapp.app.coroutine import StepDriver, thread_pinned, unpin_thread
+from asyncapp.app.coroutine import Driver, StepDriver, thread_pinned, unpin_thread
 from asyncapp.errors import ClientGone, UsageError
 from asyncapp.host.loop import Cancellable, HostLoop, Loop, Watch
 from asyncapp.host.threadpool import ThreadPool
@@ -510,6 +510,29 @@ class AppTask:
             thread.wake(ClientGone("the client closed the connection"))
             return
         self._finish(None)
+
+    def start_inline(
+        self, app: Callable[..., Iterable[bytes]], start_response: Callable[..., Any]
+    ) -> None:
+        """Call ``app`` on the loop and start stepping what it returns.
+
+        For hosts that run the app on their loop thread (the ASGI bridge);
+        a failing call or ``iter()`` is reported through :meth:`finished`.
+        """
+        try:
+            result = app(self.environ, start_response)
+        except Exception as error:
+            self.done = True
+            self.finished(error)
+            return
+        self.result = result
+        try:
+            self.iterable = result if result.__class__ is Driver else iter(result)
+        except Exception as error:
+            self.done = True
+            self.finished(close_app(result, error))
+            return
+        self.step()
 
     # -- plain apps on a pool thread -----------------------------------------
     def start_in_thread(self, call: Callable[[], Iterable[bytes]], pool: ThreadPool) -> None:
