@@ -66,7 +66,13 @@ from asyncapp.host.task import AppTask
 from asyncapp.host.threadpool import ThreadPool
 from asyncapp.protocol import ASYNC_WEBSOCKET, is_nonblocking
 from asyncapp.server.exchange import check_websocket_headers
-from asyncapp.server.http11 import HOP_BY_HOP, ResponseError, check_status, prepare_headers
+from asyncapp.server.http11 import (
+    HOP_BY_HOP,
+    ResponseError,
+    check_restart,
+    check_status,
+    prepare_headers,
+)
 from asyncapp.websocket import handshake
 from asyncapp.websocket.handle import HandleBase
 from asyncapp.websocket.session import Inbox, Limits, check_close
@@ -385,14 +391,8 @@ class _Exchange(AppTask):
     def start_response(
         self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
     ) -> Callable[[bytes], None]:
-        if exc_info is not None:
-            try:
-                if self._started:
-                    raise exc_info[1].with_traceback(exc_info[2])
-            finally:
-                exc_info = None
-        elif self.status is not None:
-            raise ResponseError("start_response called a second time without exc_info")
+        check_restart(exc_info, self.status is not None, self._started)
+        exc_info = None
         check_status(status)
         prepare_headers(headers)  # the bundled server's checks (and its cache)
         fields = [
@@ -813,10 +813,9 @@ class _WebSocketExchange(AppTask):
     ) -> Callable[[bytes], None]:
         if self.ws is not None:
             raise self._misuse("start_response() was called")
-        if exc_info is not None:
-            exc_info = None  # nothing was sent before the app ends: it may replace it
-        elif self.status is not None:
-            raise ResponseError("start_response called a second time without exc_info")
+        # Nothing is sent before the app ends: a call with exc_info may replace it.
+        check_restart(exc_info, self.status is not None, headers_sent=False)
+        exc_info = None
         check_status(status)
         prepare_headers(headers)
         self.status = status

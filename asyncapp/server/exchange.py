@@ -43,6 +43,7 @@ from asyncapp.server.http11 import (
     RequestHead,
     ResponseError,
     check_header,
+    check_restart,
     check_status,
     chunk,
     prepare_headers,
@@ -510,14 +511,8 @@ class Exchange(AppTask):
     ) -> Callable[[bytes], None]:
         if self.ws is not None:
             raise self._websocket_misuse("start_response() was called")
-        if exc_info is not None:
-            try:
-                if self.headers_sent:
-                    raise exc_info[1].with_traceback(exc_info[2])
-            finally:
-                exc_info = None
-        elif self.status is not None:
-            raise ResponseError("start_response called a second time without exc_info")
+        check_restart(exc_info, self.status is not None, self.headers_sent)
+        exc_info = None
         code = check_status(status)
         self.headers = prepare_headers(headers)
         self.status_code = code

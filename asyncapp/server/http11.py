@@ -20,7 +20,7 @@ PEP 3333 asks of a server (no CR/LF in what the app sends).
 from __future__ import annotations
 
 import re
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import httptools
 
@@ -684,6 +684,23 @@ HOP_BY_HOP: Final = frozenset(
 _good_status: dict[str, int] = {}
 _good_names: set[str] = set()
 _CACHE_MAX: Final = 1024
+
+
+def check_restart(exc_info: Any, status_set: bool, headers_sent: bool) -> None:
+    """PEP 3333's rule for a ``start_response`` call before its status is used.
+
+    A second call needs ``exc_info``; with it, once the head is out, the
+    app's own exception is raised again (the host can only cut the
+    response). The reference to the traceback is dropped either way.
+    """
+    if exc_info is not None:
+        try:
+            if headers_sent:
+                raise exc_info[1].with_traceback(exc_info[2])
+        finally:
+            exc_info = None
+    elif status_set:
+        raise ResponseError("start_response called a second time without exc_info")
 
 
 def check_status(status: str) -> int:
