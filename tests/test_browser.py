@@ -383,14 +383,21 @@ def test_chat_in_two_browser_pages_on_four_gunicorn_workers_with_redis(tmp_path:
             browser.close()
 
 
-def test_chat_websocket_page_and_long_polling_page_on_the_bundled_server() -> None:
+def test_chat_websocket_page_and_long_polling_page_on_the_bundled_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """One page on ``/ws`` (the app waits with ``asyncapp.first`` on its socket
     and the room), one without ``window.WebSocket`` (long polling): each shows
     the other's message, once."""
     sync_playwright = _require_browser()
     from playwright.sync_api import expect
 
+    import asyncapp
     from examples import chat
+
+    # A room of its own: the pages show the room's history, and the other
+    # chat tests of this process have talked in the module's room.
+    monkeypatch.setattr(chat, "ROOM", asyncapp.Channel(history=chat.HISTORY))
 
     page_errors: list[str] = []
     seen: list[tuple[str, str]] = []  # (page, path) of each request
