@@ -777,19 +777,9 @@ class _WebSocketExchange(AppTask):
     def _accept(self, subprotocol: str | None, headers: Iterable[tuple[str, str]]) -> AsgiWebSocket:
         if self.ws is not None:
             raise UsageError("the WebSocket was accepted already: accept it once per request")
-        if self.status is not None:
-            raise UsageError(
-                "start_response() was called before the WebSocket was accepted; an app "
-                "that accepts sends no response of its own (the server answers with 101)"
-            )
         if self.done:
             raise ClientGone("the client closed the connection before the WebSocket was accepted")
-        request = handshake.check_request(self.environ)
-        if subprotocol is not None and subprotocol not in request.subprotocols:
-            raise UsageError(
-                f"the client did not offer subprotocol {subprotocol!r} "
-                f"(it offered {list(request.subprotocols)})"
-            )
+        handshake.check_accept(self.environ, subprotocol, responded=self.status is not None)
         extra = check_websocket_headers(headers)
         limits = Limits(max_message_size=self.max_size, ping_interval=None, ping_timeout=None)
         ws = self.ws = AsgiWebSocket(self, limits, subprotocol)

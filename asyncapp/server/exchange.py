@@ -397,20 +397,11 @@ class Exchange(AppTask):
     ) -> ServerWebSocket:
         if self.ws is not None:
             raise UsageError("the WebSocket was accepted already: accept it once per request")
-        if self.status is not None or self.headers_sent:
-            raise UsageError(
-                "start_response() was called before the WebSocket was accepted; an app "
-                "that accepts sends no response of its own (the server answers with 101)"
-            )
         conn = self.conn
         if conn.closed or self.done:
             raise ClientGone("the client closed the connection before the WebSocket was accepted")
-        request = handshake.check_request(self.environ)
-        if subprotocol is not None and subprotocol not in request.subprotocols:
-            raise UsageError(
-                f"the client did not offer subprotocol {subprotocol!r} "
-                f"(it offered {list(request.subprotocols)})"
-            )
+        responded = self.status is not None or self.headers_sent
+        request = handshake.check_accept(self.environ, subprotocol, responded)
         extra = _websocket_headers(headers)
         config = conn.server.config
         deflate = None

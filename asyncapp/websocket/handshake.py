@@ -20,12 +20,13 @@ import hashlib
 from collections.abc import Iterable, Mapping
 from typing import Any, Final, NamedTuple
 
-from asyncapp.errors import HandshakeError
+from asyncapp.errors import HandshakeError, UsageError
 
 __all__ = [
     "DeflateParams",
     "Request",
     "accept_token",
+    "check_accept",
     "check_request",
     "choose_subprotocol",
     "is_upgrade",
@@ -125,6 +126,27 @@ def check_request(environ: Mapping[str, Any]) -> Request:
         if not set(name) <= _TCHARS:
             raise HandshakeError(400, f"invalid subprotocol name {name[:40]!r}")
     return Request(key, subprotocols, environ.get("HTTP_SEC_WEBSOCKET_EXTENSIONS", ""))
+
+
+def check_accept(environ: Mapping[str, Any], subprotocol: str | None, responded: bool) -> Request:
+    """What every host checks when the app calls ``x-wsgiorg.async.websocket``.
+
+    ``responded``: the app already called ``start_response``. Raises
+    :class:`~asyncapp.errors.UsageError` for the app's mistakes and
+    :class:`~asyncapp.errors.HandshakeError` for the client's.
+    """
+    if responded:
+        raise UsageError(
+            "start_response() was called before the WebSocket was accepted; an app "
+            "that accepts sends no response of its own (the server answers with 101)"
+        )
+    request = check_request(environ)
+    if subprotocol is not None and subprotocol not in request.subprotocols:
+        raise UsageError(
+            f"the client did not offer subprotocol {subprotocol!r} "
+            f"(it offered {list(request.subprotocols)})"
+        )
+    return request
 
 
 def _valid_key(key: str) -> bool:
