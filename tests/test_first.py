@@ -330,6 +330,89 @@ def test_first_raises_an_ops_exception(style: str, kind: str, host: Host, fds: F
 
 
 @styles
+@pytest.mark.parametrize("kind", TOGETHER)
+def test_an_ops_own_timeout_counts_where_the_waits_are_together(
+    style: str, kind: str, host: Host, fds: FdFactory
+) -> None:
+    # The op whose wait was decided carries on from it rather than starting
+    # again, so its timeout ends it (with one wait per yield it would start
+    # again after each slice: first()'s docstring says to give first the timeout).
+    (a, _), (b, _) = fds.socketpair(), fds.socketpair()
+
+    def script(environ: Environ) -> Generator[asyncapp.Op[Any], Any, Any]:
+        started = time.monotonic()
+        index, result = yield asyncapp.first(
+            environ, asyncapp.readable(environ, a, timeout=0.3), asyncapp.readable(environ, b)
+        )
+        return [index, result, time.monotonic() - started]
+
+    call = host.request(make_app(style, script), wrap=claiming(HOSTS[kind][1]))
+    assert call.error is None, call.error
+    index, result, waited = json.loads(call.body)
+    assert [index, result] == [0, False]
+    assert 0.3 <= waited < 1.0, waited
+    assert_idle(host)
+
+
+class Hidden(asyncapp.Op[bool]):
+    """readable(fd) behind steps that do not show their wait (no wait_status, no
+    gi_yieldfrom): first() cannot see which op won and starts them all again."""
+
+    def __init__(self, environ: Environ, fd: int) -> None:
+        self.environ = environ
+        self.fd = fd
+
+    def perform(self) -> Generator[bytes, None, bool]:
+        inner = hosts.wait(self.environ, self.fd, False, None)
+
+        class Steps(Generator[bytes, None, bool]):
+            def send(self, value: None) -> bytes:
+                return inner.send(value)
+
+            def throw(self, typ: Any, val: Any = None, tb: Any = None) -> bytes:
+                return inner.throw(typ, val, tb)
+
+            def close(self) -> None:
+                inner.close()
+
+        steps = Steps()
+        assert hosts.wait_status(steps) is None
+        return steps
+
+
+@styles
+def test_first_with_an_op_whose_wait_cannot_be_seen(
+    style: str, kind: str, host: Host, fds: FdFactory
+) -> None:
+    (a, a_peer), (b, b_peer) = fds.socketpair(), fds.socketpair()
+    state: dict[str, Any] = {}
+
+    def script(environ: Environ) -> Generator[asyncapp.Op[Any], Any, Any]:
+        state["entered"] = True
+        first = yield asyncapp.first(
+            environ, asyncapp.readable(environ, a), Hidden(environ, b), timeout=10
+        )
+        got_b = drain(b)
+        state["second"] = True
+        second = yield asyncapp.first(
+            environ, Hidden(environ, b), asyncapp.readable(environ, a), timeout=10
+        )
+        return [*first, got_b.decode(), *second, drain(a).decode()]
+
+    call = host.start(make_app(style, script), wrap=claiming(HOSTS[kind][1]))
+    host.run_until(lambda: "entered" in state)
+    host.loop.run_once(0.01)
+    os.write(b_peer, b"b")
+    host.run_until(lambda: "second" in state or call.done)
+    host.loop.run_once(0.01)
+    os.write(a_peer, b"a")
+    host.run_until(lambda: call.done)
+    assert call.error is None, call.error
+    assert json.loads(call.body) == [1, True, "b", 1, True, "a"]
+    assert_idle(host)
+
+
+@styles
 def test_first_of_a_channel_wait_and_a_socket(
     style: str, kind: str, host: Host, fds: FdFactory
 ) -> None:
@@ -481,8 +564,9 @@ def test_first_on_the_bundled_server(style: str, fds: FdFactory) -> None:
         )
         return [index, result, got, timed_out, index2, result2]
 
-    # readable(a), readable(b), readable(c) and first()'s own timer.
-    app = CountingWaits(make_app(style, script), 4)
+    # readable(a), readable(b), readable(c), and no timer of first()'s own:
+    # without a timeout, the waits' statuses show that the b"" got through.
+    app = CountingWaits(make_app(style, script), 3)
     with live_server(app, shutdown_grace=1) as server:
         get = Get(server.url + "/")
         assert app.event.wait(10), app.asked

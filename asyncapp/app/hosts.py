@@ -289,6 +289,11 @@ class _AsyncWait(Generator[bytes, None, bool]):
             )
         raise StopIteration(poll(_fileno(target), self.write, _remaining(self.deadline)))
 
+    def wait_status(self) -> str | None:
+        """The status of the host's wait this is suspended on (see :func:`first`)."""
+        handle = self.handle
+        return None if handle is None or self.environ is None else handle.status
+
     def throw(self, typ: Any, val: Any = None, tb: Any = None) -> bytes:
         """An exception at the yield (the app is closed or cancelled): cancel."""
         handle = self.handle
@@ -493,11 +498,11 @@ def first(environ: Environ, ops: Sequence[Any], timeout: float | None) -> Steps:
     """Carry out ``ops`` at once; ``(index, result)`` of the first that finishes.
 
     On an ``x-wsgiorg.async`` 1.2 host every op asks for its wait, and one
-    ``b""`` suspends on all of them (docs/protocol.md 3.5). Each time the
-    app is resumed every op is closed (cancelling its wait) and started
-    afresh: an op checks before it waits, so the one whose wait was decided
-    finishes at once, and the others wait again. Elsewhere the ops take
-    turns, each waiting at most ``FIRST_SLICE`` seconds.
+    ``b""`` suspends on all of them (docs/protocol.md 3.5). When the app is
+    resumed, the op whose wait was decided carries on from it; the others,
+    whose waits the host withdrew, start afresh only if it does not finish.
+    Elsewhere the ops take turns, each waiting at most ``FIRST_SLICE``
+    seconds.
     """
     if not ops:
         raise UsageError("first() needs at least one operation")
@@ -508,43 +513,115 @@ def first(environ: Environ, ops: Sequence[Any], timeout: float | None) -> Steps:
     return _first_in_turn(ops, timeout)
 
 
+def wait_status(steps: Any) -> str | None:
+    """The status of the host wait that ``steps`` is suspended on, or None if unseen.
+
+    Operations wait through :class:`_AsyncWait`, directly, inside a
+    generator (``yield from``, seen through ``gi_yieldfrom``) or inside an
+    object with a ``wait_status()`` of its own (a WebSocket's receive).
+    """
+    for _ in range(32):  # bounded: a cycle of steps must not hang the app
+        probe = getattr(steps, "wait_status", None)
+        if probe is not None:
+            status: str | None = probe()
+            return status
+        steps = getattr(steps, "gi_yieldfrom", None)
+        if steps is None:
+            return None
+    return None
+
+
+def _start(op: Any, check: bool) -> Steps:
+    """Start ``op``: it checks, then asks for its wait (``StopIteration`` if it finished)."""
+    token = _CHECK.set(check)
+    try:
+        steps: Steps = op.perform()
+        try:
+            steps.send(None)  # it asked for its wait and gives its b""
+        except BaseException:
+            steps.close()
+            raise
+        return steps
+    finally:
+        _CHECK.reset(token)
+
+
 def _first_together(environ: Environ, ops: Sequence[Any], timeout: float | None) -> Steps:
     deadline = _deadline(timeout)
-    while True:
-        started: list[Steps] = []
-        try:
-            for index, op in enumerate(ops):
-                token = _CHECK.set(True)
-                try:
-                    steps = op.perform()
-                    started.append(steps)
-                    steps.send(None)  # it asked for its wait and gives its b""
-                except StopIteration as stop:
-                    return index, stop.value
-                finally:
-                    _CHECK.reset(token)
-            # Also the witness that the b"" reached the host: the host settles
-            # every wait of the yield when it resumes the app, so a timer still
-            # pending then means middleware drained the iterable (4.6).
-            left = _remaining(deadline)
-            timer: WaitHandle = environ[ASYNC_READABLE](None, _FOREVER if left is None else left)
+    started: list[Steps] = []
+    try:
+        for index, op in enumerate(ops):
+            try:
+                started.append(_start(op, True))
+            except StopIteration as stop:
+                return index, stop.value
+        while True:
+            # Whether the b"" reached the host shows in the waits' statuses
+            # (the host settles every wait of the yield when it resumes the
+            # app); an op whose wait cannot be seen needs a timer as the
+            # witness (4.6), as does a timeout.
+            timer: WaitHandle | None = None
+            if deadline is not None or not _all_seen(started):
+                left = _remaining(deadline)
+                timer = environ[ASYNC_READABLE](None, _FOREVER if left is None else left)
             try:
                 yield b""
             except BaseException:
-                timer.cancel()
+                if timer is not None:
+                    timer.cancel()
                 raise
-            status = timer.status
-            timer.cancel()
-            if status == "timeout":
-                raise Timeout(f"none of the operations finished within {timeout} seconds")
-            if status == "pending":
-                raise UsageError(
-                    "a middleware consumed the app's iterable instead of passing on its "
-                    "b'' (docs/protocol.md 4.6): asyncapp.first cannot wait that way"
-                )
-        finally:
-            for steps in started:
-                steps.close()
+            if timer is not None:
+                timer_status = timer.status
+                timer.cancel()
+                if timer_status == "timeout":
+                    raise Timeout(f"none of the operations finished within {timeout} seconds")
+                if timer_status == "pending":
+                    raise UsageError(_FIRST_DRAINED)
+            statuses = [wait_status(steps) for steps in started]
+            if None in statuses:
+                # An op whose wait cannot be seen: start every op afresh; each
+                # checks before it waits, so the one that is ready finishes.
+                for index, op in enumerate(ops):
+                    started[index].close()
+                    try:
+                        started[index] = _start(op, True)
+                    except StopIteration as stop:
+                        return index, stop.value
+                continue
+            if timer is None and statuses.count("pending") == len(statuses):
+                raise UsageError(_FIRST_DRAINED)
+            # The decided wait's op carries on from it (it may finish, or ask
+            # for another wait); the others' waits were withdrawn by the host,
+            # and they start again only if the app still waits.
+            for index, status in enumerate(statuses):
+                if status != "cancelled":
+                    try:
+                        started[index].send(None)
+                    except StopIteration as stop:
+                        return index, stop.value
+            for index, status in enumerate(statuses):
+                if status == "cancelled":
+                    started[index].close()
+                    try:
+                        started[index] = _start(ops[index], False)
+                    except StopIteration as stop:
+                        return index, stop.value
+    finally:
+        for steps in started:
+            steps.close()
+
+
+_FIRST_DRAINED: Final = (
+    "a middleware consumed the app's iterable instead of passing on its "
+    "b'' (docs/protocol.md 4.6): asyncapp.first cannot wait that way"
+)
+
+
+def _all_seen(started: list[Steps]) -> bool:
+    for steps in started:
+        if wait_status(steps) is None:
+            return False
+    return True
 
 
 def _first_in_turn(ops: Sequence[Any], timeout: float | None) -> Steps:

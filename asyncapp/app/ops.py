@@ -257,10 +257,11 @@ def first(environ: Environ, *ops: Op[Any], timeout: float | None = None) -> Firs
     The ops that did not finish are cancelled, and nothing they would have
     returned is lost: each of asyncapp's waits (``read``, ``readable``,
     ``writable``, ``Channel.wait``, ``Event.wait``, ``ws.receive``,
-    ``ws.send``) takes its result only as it returns it. Each time the app
-    is resumed the ops are started again, so give the timeout to ``first``
-    rather than to the ops (theirs would count from the latest start), and
-    do not pass ``sleep`` (use the timeout).
+    ``ws.send``) takes its result only as it returns it. Ops that did not
+    win may be started again when the app is resumed (on hosts without
+    several waits per yield, all of them, after every slice), so give the
+    timeout to ``first`` rather than to the ops (theirs would count from the
+    latest start), and do not pass ``sleep`` (use the timeout).
 
     On asyncapp's hosts (``x-wsgiorg.async`` 1.2) one suspension waits on
     all the ops. Elsewhere (uWSGI's fdevent, the blocking fallback) they
