@@ -356,3 +356,43 @@ def test_a_readiness_event_of_a_connection_allocates_nothing() -> None:
         b.close()
     assert calls == 101
     assert peak - before < 100, f"{peak - before} bytes allocated while dispatching"
+
+
+def test_a_wait_is_one_object_that_the_watch_calls() -> None:
+    # A broadcast re-arms thousands of waits per publish, and each object a
+    # wait allocates is paid again in the collector's young collections. So a
+    # wait is one object: the handle the app holds is also the watch's
+    # callback (no partial, no bound method per wait), and cancels through
+    # its task.
+    import socket
+
+    from asyncapp.host.loop import Timer
+    from asyncapp.protocol import ASYNC_READABLE, WaitHandle
+    from asyncapp.testing import Host
+
+    a, b = socket.socketpair()
+    handles: list[WaitHandle] = []
+
+    def app(environ: Environ, start_response: StartResponse) -> Iterator[bytes]:
+        handles.append(environ[ASYNC_READABLE](a, 30))
+        yield b""
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        yield handles[0].status.encode()
+
+    try:
+        with Host(extensions=("async",)) as host:
+            call = host.start(app)
+            host.run_until(lambda: bool(handles))
+            handle = handles[0]
+            (watch,) = host.loop._fds[a.fileno()].readers
+            assert watch.callback is handle
+            timers = [t for t in host.loop._timers if isinstance(t, Timer) and not t.cancelled]
+            assert [t[2].__self__ for t in timers] == [handle]
+            b.send(b"x")
+            host.run_until(lambda: call.done)
+            assert call.body == b"ready"
+            # Decided: the handle no longer keeps the host's task alive.
+            assert getattr(handle, "task", None) is None
+    finally:
+        a.close()
+        b.close()

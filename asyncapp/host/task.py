@@ -34,6 +34,7 @@ from asyncapp.protocol import (
     VERSION,
     TimeoutFlag,
     WaitHandle,
+    WaitStatus,
 )
 
 __all__ = ["AppTask", "close_app"]
@@ -177,16 +178,55 @@ class _ThreadSide:
             self.wake(None)
 
 
-class _Armed:
-    """One pending wait of the app: its handle, and the watch and timer deciding it."""
+class _Armed(WaitHandle):
+    """One pending wait of the app: the handle it holds, with the watch and
+    timer deciding it.
 
-    __slots__ = ("handle", "timer", "watch")
+    The handle is also the watch's callback (``armed(error)``) and cancels
+    through its task: one object per wait where a handle, a record, a
+    partial and two bound methods were five, which a broadcast that re-arms
+    10,000 waits paid in young collections of the garbage collector.
+    """
 
-    def __init__(self, handle: WaitHandle) -> None:
-        self.handle = handle
+    __slots__ = ("task", "timer", "watch")
+
+    def __init__(self, task: AppTask) -> None:
+        # WaitHandle's fields set here: no second __init__ call per wait.
+        self.status: WaitStatus = "pending"
+        self.error: OSError | None = None
+        self._canceller = None
+        #: Until decided: a pending handle the app holds keeps its task, and
+        #: a decided one must not (settle drops it).
+        self.task: AppTask | None = task
         #: The fd watch, or the reader's or WebSocket's own wait (see _arm).
         self.watch: Watch | Cancellable | None = None
         self.timer: Cancellable | None = None
+
+    def settle(self, status: WaitStatus, error: OSError | None = None) -> None:
+        self.status = status
+        self.error = error
+        self.task = None
+
+    def cancel(self) -> None:
+        """Withdraw the wait; a no-op once the host decided."""
+        if self.status == "pending":
+            self.status = "cancelled"
+            task, self.task = self.task, None
+            if task is not None:
+                task._cancel(self)
+
+    def __call__(self, error: OSError | None) -> None:
+        """The watch fired: the fd is ready (or failed)."""
+        self.watch = None
+        task = self.task
+        if task is not None:
+            task._decide(self, "error" if error else "ready", error)
+
+    def on_timeout(self) -> None:
+        self.timer = None
+        task = self.task
+        if task is not None:
+            task._decide(self, "timeout", None)
 
 
 class AppTask:
@@ -334,27 +374,24 @@ class AppTask:
         if fd is not None and fd is not self.reader and fd is not self.ws:
             # Before any state changes: a closed file raises here, cleanly.
             fileno = fd if isinstance(fd, int) else fd.fileno()
-        armed = _Armed(WaitHandle(self._cancel))
+        armed = _Armed(self)
         self._waits.append(armed)
         if self.threaded:
             # Asked on a pool thread: the loop arms it once the app has
             # yielded, when the thread hands the request over (or waits).
             self._deferred.append((armed, fd, fileno, write, timeout))
-            return armed.handle
+            return armed
         self._arm(armed, fd, fileno, write, timeout)
-        return armed.handle
+        return armed
 
     def _arm(
         self, armed: _Armed, fd: Any, fileno: int | None, write: bool, timeout: float | None
     ) -> None:
         """Start the timer and the watch of a pending wait (on the loop)."""
-        if armed.handle.status != "pending":
+        if armed.status != "pending":
             return  # decided (withdrawn) while it waited to be armed
-        on_ready = functools.partial(self._on_ready, armed)
         if timeout is not None:
-            armed.timer = self.loop.call_later(
-                max(0.0, timeout), functools.partial(self._on_timeout, armed)
-            )
+            armed.timer = self.loop.call_later(max(0.0, timeout), armed.on_timeout)
         if fd is None:
             return
         ws = self.ws
@@ -364,7 +401,7 @@ class AppTask:
             if ws.ready_now(write):
                 self.loop.call_soon(lambda: self._decide(armed, "ready", None))
             else:
-                armed.watch = ws.wait_ready(on_ready, write)
+                armed.watch = ws.wait_ready(armed, write)
             return
         reader = self.reader
         if fd is reader and reader is not None:
@@ -375,38 +412,29 @@ class AppTask:
             if wait_ready is not None:
                 # A reader with no fd of its own (the ASGI bridge's, fed from
                 # receive()) says itself when it has something.
-                armed.watch = wait_ready(on_ready)
+                armed.watch = wait_ready(armed)
                 return
         if fileno is None:
             fileno = fd if isinstance(fd, int) else fd.fileno()
         try:
-            armed.watch = self.loop.watch(fileno, write, on_ready)
+            armed.watch = self.loop.watch(fileno, write, armed)
         except OSError as error:
             failure = error  # an except target is unbound when the block ends
             self.loop.call_soon(lambda: self._decide(armed, "error", failure))
 
     # -- deciding a wait --------------------------------------------------
-    def _on_ready(self, armed: _Armed, error: OSError | None) -> None:
-        armed.watch = None
-        self._decide(armed, "error" if error else "ready", error)
-
-    def _on_timeout(self, armed: _Armed) -> None:
-        armed.timer = None
-        self._decide(armed, "timeout", None)
-
     def _decide(self, armed: _Armed, status: Any, error: OSError | None) -> None:
-        handle = armed.handle
-        if handle.status != "pending":
+        if armed.status != "pending":
             return
-        handle.settle(status, error)
-        self._decided = handle
+        armed.settle(status, error)
+        self._decided = armed
         # The first decided of several waits resumes the app; the others are
         # withdrawn now (docs/protocol.md 3.5), so one yield means one resume.
         waits, self._waits = self._waits, []
         self._deferred = []
         for other in waits:
             if other is not armed:
-                other.handle.settle("cancelled")
+                other.settle("cancelled")
             self._disarm(other)
         if self._fdevent_flag is not None:
             timed_out = status == "timeout"
@@ -422,7 +450,7 @@ class AppTask:
 
     def _cancel(self, handle: WaitHandle) -> None:
         for armed in self._waits:
-            if armed.handle is handle:
+            if armed is handle:
                 self._waits.remove(armed)
                 self._deferred = [d for d in self._deferred if d[0] is not armed]
                 self._disarm(armed)
@@ -432,7 +460,7 @@ class AppTask:
         if not self._waits:
             return  # every request that did not wait: no copy of an empty list
         for armed in list(self._waits):
-            armed.handle.cancel()
+            armed.cancel()
 
     def _disarm(self, armed: _Armed) -> None:
         watch = armed.watch
@@ -700,7 +728,7 @@ class AppTask:
         try:
             data = reader.read(size)
         except BlockingIOError:
-            armed = _Armed(WaitHandle(self._cancel))
+            armed = _Armed(self)
             self._waits.append(armed)
             thread.reading = (size, timeout)
             self._arm(armed, reader, None, False, timeout)
