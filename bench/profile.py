@@ -41,6 +41,7 @@ from pathlib import Path
 from bench.__main__ import LOAD_CPUS, ROOT, free_port, main_python, run_load, running
 
 _LINE = re.compile(r" \(([^()]*?)(?::\d+)?\)$")
+_LINE_KEPT = re.compile(r" \(([^()]*?)\)$")
 
 
 def _py_spy() -> str:
@@ -57,8 +58,8 @@ def _py_spy() -> str:
     return found
 
 
-def _frame(frame: str) -> str:
-    match = _LINE.search(frame)
+def _frame(frame: str, lines: bool = False) -> str:
+    match = (_LINE_KEPT if lines else _LINE).search(frame)
     if not match:
         return frame or "(greenlet)"
     where = match.group(1).replace(str(ROOT) + "/", "")
@@ -67,7 +68,7 @@ def _frame(frame: str) -> str:
     return frame[: match.start()] + f" ({where})"
 
 
-def summarize(raw: str, top: int) -> str:
+def summarize(raw: str, top: int, lines: bool = False) -> str:
     own: collections.Counter[str] = collections.Counter()
     incl: collections.Counter[str] = collections.Counter()
     total = 0
@@ -77,7 +78,7 @@ def summarize(raw: str, top: int) -> str:
             continue
         n = int(count)
         total += n
-        frames = [_frame(f) for f in stack.split(";")] if stack else ["(greenlet)"]
+        frames = [_frame(f, lines) for f in stack.split(";")] if stack else ["(greenlet)"]
         own[frames[-1]] += n
         for name in set(frames):
             incl[name] += n
@@ -134,6 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="only samples holding the GIL (py-spy --gil): idle pool threads blocked "
         "in a C call otherwise fill the profile",
     )
+    parser.add_argument(
+        "--lines", action="store_true", help="count by source line, not by function"
+    )
     args = parser.parse_args(argv)
     kind, _, style = args.what.partition("-")
     if kind not in ("hello", "upload", "suspend", "longpoll", "ws") or not style:
@@ -165,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     flags = f", --threads {args.threads}" if args.threads is not None else ""
     flags += ", GIL holders only" if args.gil else ""
     print(f"py-spy, {args.what}{flags}, {args.seconds:g} s at {args.rate}/s{pinned}")
-    print(summarize(text, args.top))
+    print(summarize(text, args.top, args.lines))
     return 0
 
 
