@@ -618,10 +618,7 @@ _FIRST_DRAINED: Final = (
 
 
 def _all_seen(started: list[Steps]) -> bool:
-    for steps in started:
-        if wait_status(steps) is None:
-            return False
-    return True
+    return all(wait_status(steps) is not None for steps in started)
 
 
 def _first_in_turn(ops: Sequence[Any], timeout: float | None) -> Steps:
