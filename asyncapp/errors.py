@@ -99,8 +99,10 @@ class WebSocketUnavailable(AsyncappError):
     """The server the app runs on cannot carry WebSockets for a WSGI app.
 
     Raised by :func:`asyncapp.websocket.accept` on a valid handshake when the
-    host offers no ``x-wsgiorg.async.websocket`` (wsgiref, gunicorn's sync
-    worker, an ASGI server through an adapter that only speaks HTTP...).
+    host offers no ``x-wsgiorg.async.websocket`` and no connection the app
+    side could take over (wsgiref, gevent's ``pywsgi``, waitress, a server
+    that terminates TLS itself, an ASGI server through an adapter that only
+    speaks HTTP...); the message says why.
     Catch it to fall back to long polling:
 
     .. code-block:: python

@@ -355,22 +355,29 @@ class GreenDriver(StepDriver):
         try:
             self._cancel_step()
         finally:
-            child, self._child = self._child, None
-            self._job = None  # never started: nothing to end
-            self._rest = None
-            if child is not None:
-                for attempt in range(_CLOSE_ATTEMPTS):
-                    child.parent = greenlet.getcurrent()
-                    out = child.throw(greenlet.GreenletExit)
-                    if out is _DONE or out is _FAILED or child.dead:
-                        error = child.take_failure() if out is _FAILED else None
-                        if attempt:  # it waited (or yielded) once more before ending
-                            raise RuntimeError(f"{self._name} waited while being closed")
-                        if error is not None:
-                            raise error
-                        break
-                else:
-                    raise RuntimeError(f"{self._name} kept waiting while being closed")
+            try:
+                self._close_child()
+            finally:
+                self._release_takeover()
+
+    def _close_child(self) -> None:
+        """End the app's call in its greenlet (GreenletExit at its wait)."""
+        child, self._child = self._child, None
+        self._job = None  # never started: nothing to end
+        self._rest = None
+        if child is not None:
+            for attempt in range(_CLOSE_ATTEMPTS):
+                child.parent = greenlet.getcurrent()
+                out = child.throw(greenlet.GreenletExit)
+                if out is _DONE or out is _FAILED or child.dead:
+                    error = child.take_failure() if out is _FAILED else None
+                    if attempt:  # it waited (or yielded) once more before ending
+                        raise RuntimeError(f"{self._name} waited while being closed")
+                    if error is not None:
+                        raise error
+                    break
+            else:
+                raise RuntimeError(f"{self._name} kept waiting while being closed")
 
 
 def app(func: WSGIApp) -> Callable[[Environ, StartResponse], GreenDriver]:

@@ -5,6 +5,8 @@ Usage::
     with uwsgi_server("apps_uwsgi:hello") as server:
         status, headers, body = server.get("/")
 
+WebSocket clients connect to :meth:`UwsgiServer.ws_url` (``ws://...``).
+
 The ``uwsgi`` script installed by ``pyuwsgi`` beside ``sys.executable`` is
 used; if it is missing a :class:`RuntimeError` is raised (tests never skip).
 """
@@ -82,6 +84,10 @@ class UwsgiServer:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def ws_url(self, path: str) -> str:
+        """The ``ws://`` URL of ``path`` on this server."""
+        return f"ws://127.0.0.1:{self.port}{path}"
 
     def log_text(self) -> str:
         """The uWSGI log so far (stdout and stderr, request logging disabled)."""
@@ -198,8 +204,13 @@ def uwsgi_server(
     extra_args: Sequence[str] = (),
     pythonpath: Sequence[str] = (),
     startup_timeout: float = STARTUP_TIMEOUT,
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[UwsgiServer]:
-    """Run ``app_ref`` (``"module.path:attr"``) under uWSGI async/uGreen."""
+    """Run ``app_ref`` (``"module.path:attr"``) under uWSGI async/uGreen.
+
+    ``env``: variables added to this process's environment for uWSGI (the
+    WebSocket apps read where to record their events from it).
+    """
     module, sep, attr = app_ref.partition(":")
     if not sep or not module or not attr:
         raise ValueError(f"app_ref must look like 'module.path:attr', got {app_ref!r}")
@@ -237,6 +248,7 @@ def uwsgi_server(
                         stdout=log_file,
                         stderr=subprocess.STDOUT,
                         cwd=PROJECT_ROOT,
+                        env={**os.environ, **(env or {})},
                         start_new_session=True,
                     )
                 server = UwsgiServer(process, port, log_path, command)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import threading
 from collections.abc import AsyncGenerator, Callable, Generator, Iterator
 from typing import Any, TypeAlias
@@ -24,6 +25,8 @@ from asyncapp.app.ops import Op
 from asyncapp.engines.gevent import ClientLeft
 from asyncapp.errors import HandshakeError, UsageError
 from asyncapp.protocol import nonblocking
+from asyncapp.websocket import Accept
+from asyncapp.websocket.takeover import SocketWebSocket
 
 __all__ = ["Driver", "StepDriver", "coroutine", "pin_thread", "thread_pinned", "unpin_thread"]
 
@@ -33,6 +36,8 @@ AppGenerator: TypeAlias = Generator[Any, Any, None]
 AppAsyncGenerator: TypeAlias = AsyncGenerator[Any, Any]
 WSGIApp = Callable[[Environ, StartResponse], Iterator[bytes]]
 
+
+log = logging.getLogger("asyncapp.websocket")
 
 #: Per thread: has the request running on it started something that cannot
 #: move to another thread (a greenlet)? See :func:`pin_thread`.
@@ -69,20 +74,60 @@ def _bad_yield(name: str, value: object) -> UsageError:
     )
 
 
+class _Over(BaseException):
+    """The end of a taken-over WebSocket is done: what the iterable raises now.
+
+    A BaseException, so that the step that raises it is not mistaken for an
+    operation that failed (whose error would be thrown into the app).
+    """
+
+    def __init__(self, result: BaseException) -> None:
+        super().__init__(result)
+        self.result = result
+
+
+def _over() -> Generator[bytes, None, Any]:
+    """The step of an iterable whose app has ended: the next ``next()`` ends it.
+
+    Resuming the app instead would raise: a finished coroutine cannot be
+    sent to again.
+    """
+    raise _Over(StopIteration())
+    yield b""  # unreachable: it makes this a generator
+
+
+def _finishing(handle: SocketWebSocket, error: BaseException | None) -> Generator[bytes, None, Any]:
+    """The steps after an app that took its connection over ended, then :class:`_Over`."""
+    try:
+        yield from handle.finish(error)
+    except Exception:
+        log.exception("closing a WebSocket after its app ended failed")
+    raise _Over(handle.end_error() or StopIteration())
+
+
 class StepDriver:
     """What both drivers share: carrying out operations between app steps.
 
     Subclasses define ``_advance(send, exc)``, which resumes the app with a
     value (or an exception) and returns what it produced next: ``bytes`` or
     an :class:`~asyncapp.app.ops.Op`; ``StopIteration`` ends the body.
+
+    An app that took its connection over as a WebSocket
+    (:mod:`asyncapp.websocket.takeover`) is ended here too: when it returns
+    or raises, the driver closes the WebSocket (1000, or 1011 and a logged
+    error), waits out the closing handshake, and then ends the iterable as
+    that host needs (on a blocking server, with a ``ConnectionResetError``,
+    so that it writes no response).
     """
 
-    __slots__ = ("_start_response", "_step")
+    __slots__ = ("_start_response", "_step", "_takeover")
 
     def __init__(self, start_response: StartResponse | None = None) -> None:
         self._step: Generator[bytes, None, Any] | None = None
         #: For a refused WebSocket handshake the app did not catch.
         self._start_response = start_response
+        #: The WebSocket the app took its connection over for, until it ends.
+        self._takeover: SocketWebSocket | None = None
 
     @property
     def _name(self) -> str:
@@ -103,6 +148,9 @@ class StepDriver:
                 send = stop.value
             except Exception as error:
                 exc = error
+            except _Over as over:
+                self._step = None
+                raise over.result from None
             self._step = None
         try:
             out = self._advance(send, exc)
@@ -110,7 +158,32 @@ class StepDriver:
                 return out
             return self._carry_out(out)
         except HandshakeError as refusal:
+            if self._takeover is not None:
+                return self._end_takeover(refusal)
             return self._refuse(refusal)
+        except BaseException as end:
+            if self._takeover is None:
+                raise
+            return self._end_takeover(end)
+
+    def _end_takeover(self, end: BaseException) -> bytes:
+        """The app that took its connection over ended (``StopIteration``) or raised."""
+        handle, self._takeover = self._takeover, None
+        assert handle is not None
+        self._step = None
+        if not isinstance(end, Exception):  # KeyboardInterrupt, a greenlet's exit...
+            handle.release()
+            raise end
+        error = None if isinstance(end, StopIteration) else end
+        if error is not None:
+            # The server never sees it (it must write no response): logged here.
+            log.error(
+                "%s raised after it accepted a WebSocket (closed with 1011)",
+                self._name,
+                exc_info=error,
+            )
+        self._step = _finishing(handle, error)
+        return StepDriver.__next__(self)
 
     def _refuse(self, refusal: HandshakeError) -> bytes:
         """The app let a refused WebSocket handshake through: send its answer.
@@ -121,12 +194,17 @@ class StepDriver:
         start_response, self._start_response = self._start_response, None
         if start_response is None:
             raise refusal
-        self._step = None
+        self._step = _over()
         # With exc_info: allowed before the head is sent, whatever the app
         # started; after it, the server raises the error again.
-        start_response(
-            refusal.status, list(refusal.headers), (type(refusal), refusal, refusal.__traceback__)
-        )
+        headers = list(refusal.headers)
+        try:
+            start_response(refusal.status, headers, (type(refusal), refusal, refusal.__traceback__))
+        except SystemError:
+            # uWSGI 2.0's start_response sets exc_info as the pending error
+            # and returns all the same (Python makes that a SystemError);
+            # its headers may be set again without exc_info until sent.
+            start_response(refusal.status, headers)
         return refusal.body
 
     def _carry_out(self, out: Any) -> bytes:
@@ -145,6 +223,8 @@ class StepDriver:
                 token = step.send(None)
             except StopIteration as stop:
                 send, exc = stop.value, None
+                if out.__class__ is Accept and isinstance(send._handle, SocketWebSocket):
+                    self._takeover = send._handle
             except ClientLeft:
                 # A wait on gevent's hub saw the client leave (it never yields,
                 # so it ends here): close the app at its wait, as a host's
@@ -168,6 +248,12 @@ class StepDriver:
         if step is not None:
             step.close()
 
+    def _release_takeover(self) -> None:
+        """Closed before the app ended: let go of a connection it took over."""
+        handle, self._takeover = self._takeover, None
+        if handle is not None:
+            handle.release()
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -185,6 +271,7 @@ class Driver(StepDriver):
     ) -> None:
         self._step = None
         self._start_response = start_response
+        self._takeover = None
         self._aw: Any = None  # the in-flight asend() of an async generator
         if inspect.isasyncgen(app) if is_async is None else is_async:
             self._agen: AppAsyncGenerator | None = app  # type: ignore[assignment]
@@ -209,7 +296,13 @@ class Driver(StepDriver):
                 return out
             return self._carry_out(out)
         except HandshakeError as refusal:
+            if self._takeover is not None:
+                return self._end_takeover(refusal)
             return self._refuse(refusal)
+        except BaseException as end:
+            if self._takeover is None:
+                raise
+            return self._end_takeover(end)
 
     def _advance(self, send: Any, exc: BaseException | None) -> Any:
         gen = self._gen
@@ -251,10 +344,13 @@ class Driver(StepDriver):
         try:
             self._cancel_step()
         finally:
-            if self._gen is not None:
-                self._gen.close()
-            elif self._agen is not None:
-                self._close_async()
+            try:
+                if self._gen is not None:
+                    self._gen.close()
+                elif self._agen is not None:
+                    self._close_async()
+            finally:
+                self._release_takeover()
 
     def _close_async(self) -> None:
         assert self._agen is not None

@@ -26,7 +26,13 @@ from an ordinary one, so one URL can serve both.
 WebSockets run where the host offers ``x-wsgiorg.async.websocket``
 (``docs/protocol.md`` 3.8): asyncapp's server (``asyncapp serve``),
 ``gunicorn -k asyncapp.gunicorn.Worker``, and ASGI servers (uvicorn,
-hypercorn) through :func:`asyncapp.asgi.to_asgi` (``docs/websocket.md``).
+hypercorn) through :func:`asyncapp.asgi.to_asgi`. Where the host has no
+such key but lets the app reach the request's connection, the app side
+takes the connection over (:mod:`asyncapp.websocket.takeover`): uWSGI
+(non-blocking in its async mode), gunicorn's sync, gthread and gevent
+workers and werkzeug's development server (a thread, or a greenlet, per
+WebSocket). Elsewhere (wsgiref, gevent's ``pywsgi``, waitress, mod_wsgi)
+:func:`accept` raises :class:`WebSocketUnavailable` (``docs/websocket.md``).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from asyncapp.app.ops import Op
 from asyncapp.errors import HandshakeError, Timeout, UsageError, WebSocketUnavailable
 from asyncapp.protocol import ASYNC_WEBSOCKET, WebSocketHandle
 from asyncapp.websocket.handshake import check_request, choose_subprotocol, is_upgrade
+from asyncapp.websocket.takeover import SocketWebSocket, take_over
 
 __all__ = [
     "Accept",
@@ -156,18 +163,25 @@ def _accept(
     environ: Environ, subprotocols: tuple[str, ...], headers: list[tuple[str, str]]
 ) -> Generator[bytes, None, WebSocket]:
     request = check_request(environ)
-    host = environ.get(ASYNC_WEBSOCKET) if host_kind(environ) == "async" else None
-    if host is None:
-        raise WebSocketUnavailable(
-            "this server cannot carry WebSockets for a WSGI app (its environ has no "
-            f"{ASYNC_WEBSOCKET}): serve the app with asyncapp's server (asyncapp serve) "
-            "gunicorn -k asyncapp.gunicorn.Worker or asyncapp.asgi.to_asgi on uvicorn or "
-            "hypercorn, or catch "
-            "asyncapp.websocket.WebSocketUnavailable and fall back to long polling"
-        )
+    kind = host_kind(environ)
+    host = environ.get(ASYNC_WEBSOCKET) if kind == "async" else None
     subprotocol = choose_subprotocol(request.subprotocols, subprotocols)
-    handle: WebSocketHandle = host(subprotocol=subprotocol, headers=headers)
-    return WebSocket(environ, handle)
+    if host is not None:
+        handle: WebSocketHandle = host(subprotocol=subprotocol, headers=headers)
+        return WebSocket(environ, handle)
+    # An x-wsgiorg.async host without the key has its connection on its
+    # own loop: taking it over from the app would fight that loop.
+    why = "" if kind == "async" else take_over(environ, request, subprotocol, headers)
+    if isinstance(why, SocketWebSocket):
+        return WebSocket(environ, why)
+    raise WebSocketUnavailable(
+        f"this server cannot carry WebSockets for a WSGI app: its environ has no "
+        f"{ASYNC_WEBSOCKET}{f', and {why}' if why else ''}. Serve the app with "
+        "asyncapp's server (asyncapp serve), gunicorn -k asyncapp.gunicorn.Worker, "
+        "asyncapp.asgi.to_asgi on uvicorn or hypercorn, uWSGI, gunicorn's sync, gthread "
+        "or gevent workers or werkzeug's development server, or catch "
+        "asyncapp.websocket.WebSocketUnavailable and fall back to long polling"
+    )
     yield b""  # unreachable: it makes this a generator
 
 
@@ -202,32 +216,41 @@ class _ReceiveSteps(Generator[bytes, None, Message | None]):
         self.handle = handle
         self.timeout = timeout
         self.deadline: float | None = None
-        self.wait: _AsyncWait | None = None
+        self.wait: Generator[bytes, None, bool] | None = None
 
     def send(self, value: None) -> bytes:
         wait = self.wait
-        if wait is not None:
+        # Looping, not returning the new wait's first step: a wait on a
+        # blocking host is over before its first step.
+        while True:
+            if wait is not None:
+                try:
+                    return wait.send(None)
+                except StopIteration as stop:
+                    ready = stop.value
+                self.wait = None
+                if not ready:
+                    raise Timeout(f"no WebSocket message arrived within {self.timeout} seconds")
             try:
-                return wait.send(None)
-            except StopIteration as stop:
-                ready = stop.value
-            self.wait = None
-            if not ready:
-                raise Timeout(f"no WebSocket message arrived within {self.timeout} seconds")
-        try:
-            message = self.handle.receive()
-        except BlockingIOError:
-            pass
-        else:
-            raise StopIteration(message)
-        timeout = self.timeout
-        if timeout is not None:
-            now = time.monotonic()
-            if self.deadline is None:
-                self.deadline = now + timeout
-            timeout = max(0.0, self.deadline - now)
-        wait = self.wait = _AsyncWait(self.environ, self.handle, False, timeout)
-        return wait.send(None)
+                message = self.handle.receive()
+            except BlockingIOError:
+                pass
+            else:
+                raise StopIteration(message)
+            timeout = self.timeout
+            if timeout is not None:
+                now = time.monotonic()
+                if self.deadline is None:
+                    self.deadline = now + timeout
+                timeout = max(0.0, self.deadline - now)
+            wait = self.wait = _wait(self.environ, self.handle, False, timeout)
+
+    def wait_status(self) -> str | None:
+        """The status of the wait this is suspended on (``asyncapp.first`` reads it)."""
+        wait = self.wait
+        # A wait on a taken-over connection's fd is no host wait (and such
+        # hosts take one wait per yield): unseen.
+        return wait.wait_status() if isinstance(wait, _AsyncWait) else None
 
     def throw(self, typ: Any, val: Any = None, tb: Any = None) -> bytes:
         wait, self.wait = self.wait, None
@@ -264,7 +287,7 @@ def _send(environ: Environ, handle: WebSocketHandle, message: Message) -> Steps:
     if handle.send(message) is False:
         # Over the high-water mark: wait until the peer has taken some (or
         # the connection closed, which the next send reports).
-        yield from _AsyncWait(environ, handle, True, None)
+        yield from _wait(environ, handle, True, None)
 
 
 class Close(Op[None]):
@@ -292,7 +315,17 @@ def _close(environ: Environ, handle: WebSocketHandle, code: int, reason: str) ->
             if handle.receive() is None:
                 return
         except BlockingIOError:
-            yield from _AsyncWait(environ, handle, False, None)
+            yield from _wait(environ, handle, False, None)
+
+
+def _wait(
+    environ: Environ, handle: WebSocketHandle, write: bool, timeout: float | None
+) -> Generator[bytes, None, bool]:
+    """Wait on the handle: through the host's extension, or, for a connection
+    the app took over, on its fd (the handle runs the session meanwhile)."""
+    if isinstance(handle, SocketWebSocket):
+        return handle.wait(environ, write, timeout)
+    return _AsyncWait(environ, handle, write, timeout)
 
 
 def accept(

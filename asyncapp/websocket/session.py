@@ -18,8 +18,9 @@ needs around it, each with a limit and a reason (:class:`Limits`):
 
 Time is read from ``clock`` only when a deadline is set; :meth:`Session.tick`
 is called with the current time once :attr:`Session.deadline` has passed.
-The bundled server drives it (:mod:`asyncapp.server.websocket`); the later
-app-side fallbacks over a raw socket will drive the same class.
+The bundled server drives it (:mod:`asyncapp.server.websocket`), and so
+does the app side where it takes a connection over itself (uWSGI, the
+blocking servers: :mod:`asyncapp.websocket.takeover`).
 
 .. code-block:: python
 
