@@ -169,8 +169,8 @@ _SLICE: contextvars.ContextVar[float | None] = contextvars.ContextVar(
 )
 
 
-#: Set by :func:`first` on 1.2 hosts while it starts its operations: a wait
-#: on an fd then checks it first (an op must check before it waits).
+#: Set by :func:`first` on 1.2 hosts while it starts every operation afresh
+#: (an op whose wait it cannot see): a wait on an fd then checks it first.
 _CHECK: contextvars.ContextVar[bool] = contextvars.ContextVar("asyncapp_first_check", default=False)
 
 
@@ -531,9 +531,15 @@ def wait_status(steps: Any) -> str | None:
     return None
 
 
-def _start(op: Any, check: bool) -> Steps:
-    """Start ``op``: it checks, then asks for its wait (``StopIteration`` if it finished)."""
-    token = _CHECK.set(check)
+def _start(op: Any, check: bool = False) -> Steps:
+    """Start ``op``: it asks for its wait (``StopIteration`` if it finished at once).
+
+    ``check``: a wait on an fd polls it first, so an op whose fd is ready
+    finishes here rather than asking for a wait that is decided at once
+    (needed only where every op starts again at each resume: one that
+    never finished would be asked for, and decided, forever).
+    """
+    token = _CHECK.set(True) if check else None
     try:
         steps: Steps = op.perform()
         try:
@@ -543,7 +549,8 @@ def _start(op: Any, check: bool) -> Steps:
             raise
         return steps
     finally:
-        _CHECK.reset(token)
+        if token is not None:
+            _CHECK.reset(token)
 
 
 def _first_together(environ: Environ, ops: Sequence[Any], timeout: float | None) -> Steps:
@@ -552,7 +559,7 @@ def _first_together(environ: Environ, ops: Sequence[Any], timeout: float | None)
     try:
         for index, op in enumerate(ops):
             try:
-                started.append(_start(op, True))
+                started.append(_start(op))
             except StopIteration as stop:
                 return index, stop.value
         while True:
@@ -603,7 +610,7 @@ def _first_together(environ: Environ, ops: Sequence[Any], timeout: float | None)
                 if status == "cancelled":
                     started[index].close()
                     try:
-                        started[index] = _start(ops[index], False)
+                        started[index] = _start(ops[index])
                     except StopIteration as stop:
                         return index, stop.value
     finally:
