@@ -247,6 +247,53 @@ def test_every_watch_on_one_fd_fires(loop: Loop, fds: Fds) -> None:
     assert_nothing_registered(loop)
 
 
+def test_withdrawing_one_of_many_watches_leaves_the_registration_alone(
+    loop: Loop, fds: Fds, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A WebSocket message that beats a channel wait withdraws one watch of
+    # thousands on the channel's pipe: no epoll_ctl for that.
+    r, _ = fds.pipe()
+    watches = [loop.watch(r, False, lambda error: None) for _ in range(3)]
+    calls: list[str] = []
+
+    def counting(name: str) -> Callable[..., Any]:
+        method = getattr(loop.selector, name)
+
+        def call(*args: Any) -> Any:
+            calls.append(name)
+            return method(*args)
+
+        return call
+
+    for name in ("modify", "unregister"):
+        monkeypatch.setattr(loop.selector, name, counting(name))
+    loop.unwatch(watches[1])
+    loop.unwatch(watches[0])
+    assert calls == []
+    assert loop.selector.get_key(r).events == selectors.EVENT_READ
+    loop.unwatch(watches[2])
+    assert calls == ["unregister"]
+    assert_nothing_registered(loop)
+
+
+def test_a_watch_callback_that_raises_does_not_lose_the_others(loop: Loop, fds: Fds) -> None:
+    r, w = fds.pipe()
+    got: list[int] = []
+
+    def fails(error: OSError | None) -> None:
+        raise LookupError("boom")
+
+    loop.watch(r, False, lambda error: got.append(0))
+    loop.watch(r, False, fails)
+    loop.watch(r, False, lambda error: got.append(2))
+    os.write(w, b"x")
+    with pytest.raises(LookupError):
+        run_until(loop, lambda: False, timeout=1)
+    run_until(loop, lambda: len(got) == 2)
+    assert got == [0, 2]
+    assert_nothing_registered(loop)
+
+
 def test_read_and_write_watches_share_a_registration(loop: Loop, fds: Fds) -> None:
     a, _b = fds.socketpair()
     fd = a.fileno()

@@ -351,7 +351,10 @@ class Loop:
             waiters.remove(w)
         except ValueError:
             return
-        self._update(w.fd, entry)
+        if not waiters:
+            # Others still wait on the fd (a channel's pipe): its mask is
+            # unchanged, and a system call per withdrawn wait is saved.
+            self._update(w.fd, entry)
 
     def _update(self, fd: int, entry: _FdEntry) -> None:
         mask = entry.mask()
@@ -412,8 +415,16 @@ class Loop:
             return
         # Unregister before anyone runs: they may close the fd at once.
         self._update(fd, entry)
-        for w in fired:
-            self.call_soon(_bind(w.callback, error))
+        # Called now rather than queued: a watch's callback only decides a
+        # wait (the app itself runs from the ready queue), and a publish that
+        # wakes 10,000 waiters saves 10,000 partials and queue entries.
+        for index, w in enumerate(fired):
+            try:
+                w.callback(error)
+            except BaseException:
+                for rest in fired[index + 1 :]:
+                    self.call_soon(_bind(rest.callback, error))
+                raise
 
     def _sweep(self) -> None:
         for fd, entry in list(self._fds.items()):
