@@ -9,6 +9,13 @@ frames with its own session, and ends the iterable with a
 the server's log for tracebacks and that it still answers an ordinary
 request. wsgiref and gevent's ``pywsgi``, which expose no connection, still
 raise ``WebSocketUnavailable``.
+
+The acceptance checks are tests/test_websocket.py's, shared with every
+host, at the default 1 MiB limit, but one: these servers hold each
+WebSocket in a thread (gthread, werkzeug), a greenlet (gevent) or a whole
+worker (sync) for its life, so there is no test of 1,000 connections held
+by one process here (that is the point of the non-blocking hosts);
+``test_two_at_once`` shows that a second is served while one is held.
 """
 
 from __future__ import annotations
@@ -30,7 +37,14 @@ from websockets.sync.client import ClientConnection, connect
 from tests import websocket_apps
 from tests.engine_process import serving
 from tests.test_websocket import (
+    INVALID_HANDSHAKES,
+    OVER_THE_LIMIT,
     RawClient,
+    assert_closed_with_1009,
+    assert_echoes,
+    assert_pong,
+    assert_refused,
+    assert_subprotocols,
     close_raw_clients,  # noqa: F401 (an autouse fixture: raw clients are closed after each test)
     handshake_head,
     logged,
@@ -42,6 +56,8 @@ pytestmark = pytest.mark.timeout(60)
 STYLES = ("gen", "async", "green")
 TIMEOUT = 5.0
 APP = "websocket_apps:app"
+#: The default ws_max_message_size: the apps need no configuration.
+LIMIT = 1 << 20
 
 #: The werkzeug development server, threaded (its default in ``flask run``).
 WERKZEUG = (
@@ -119,16 +135,21 @@ def server(host: Host) -> Iterator[Host]:
 
 @pytest.mark.parametrize("style", STYLES)
 def test_echo(server: Host, style: str) -> None:
-    path = f"/echo/{style}?subprotocols=b,a"
-    with server.ws(path, subprotocols=["a", "b"]) as ws:
-        assert ws.subprotocol == "b"
-        for message in ("héllo", b"\x00\xff binary", "", b"", os.urandom(1 << 20)):
-            ws.send(message)
-            assert ws.recv(timeout=TIMEOUT) == message
-        ws.send(["frag", "ments"])
-        assert ws.recv(timeout=TIMEOUT) == "fragments"
-        assert ws.ping().wait(TIMEOUT)
+    with server.ws(f"/echo/{style}") as ws:
+        assert_echoes(ws, LIMIT)
+        assert_pong(ws)
     assert ws.close_code == 1000
+
+
+@pytest.mark.parametrize("over", list(OVER_THE_LIMIT))
+def test_one_byte_over_the_limit_closes_with_1009(server: Host, over: str) -> None:
+    with server.ws("/echo/gen") as ws:
+        assert_closed_with_1009(ws, OVER_THE_LIMIT[over](LIMIT))
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_subprotocol_negotiation(server: Host, style: str) -> None:
+    assert_subprotocols(server.port, style)
 
 
 def test_two_at_once(server: Host) -> None:
@@ -183,13 +204,9 @@ def test_abrupt_disconnect(server: Host) -> None:
 
 
 @pytest.mark.parametrize("style", STYLES)
-def test_invalid_handshakes_are_refused(server: Host, style: str) -> None:
-    head = handshake_head(f"/echo/{style}", Sec_WebSocket_Version="8", Connection="Upgrade, close")
-    code, headers, body = raw_request(server.port, head)
-    assert (code, headers["sec-websocket-version"]) == (426, "13"), body
-    head = handshake_head(f"/echo/{style}", Sec_WebSocket_Key="nope", Connection="Upgrade, close")
-    code, _, body = raw_request(server.port, head)
-    assert code == 400 and b"Sec-WebSocket-Key" in body
+@pytest.mark.parametrize("case", list(INVALID_HANDSHAKES))
+def test_invalid_handshakes_are_refused(server: Host, style: str, case: str) -> None:
+    assert_refused(server.port, f"/echo/{style}", *INVALID_HANDSHAKES[case])
 
 
 # -- where the connection cannot be had ------------------------------------------------------
