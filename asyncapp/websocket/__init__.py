@@ -41,7 +41,7 @@ import time
 from collections.abc import Generator, Iterable
 from typing import Any
 
-from asyncapp.app.hosts import _AsyncWait, host_kind
+from asyncapp.app.hosts import _AsyncWait, host_kind, wait_status
 from asyncapp.app.ops import Op
 from asyncapp.errors import HandshakeError, Timeout, UsageError, WebSocketUnavailable
 from asyncapp.protocol import ASYNC_WEBSOCKET, WebSocketHandle
@@ -248,9 +248,7 @@ class _ReceiveSteps(Generator[bytes, None, Message | None]):
     def wait_status(self) -> str | None:
         """The status of the wait this is suspended on (``asyncapp.first`` reads it)."""
         wait = self.wait
-        # A wait on a taken-over connection's fd is no host wait (and such
-        # hosts take one wait per yield): unseen.
-        return wait.wait_status() if isinstance(wait, _AsyncWait) else None
+        return None if wait is None else wait_status(wait)
 
     def throw(self, typ: Any, val: Any = None, tb: Any = None) -> bytes:
         wait, self.wait = self.wait, None
