@@ -34,7 +34,7 @@ from typing import Any, Final, TypeVar
 
 import greenlet
 
-from asyncapp.app.coroutine import StepDriver, pin_thread
+from asyncapp.app.driver import StepDriver, pin_thread
 from asyncapp.app.hosts import host_kind
 from asyncapp.app.ops import Op, Read, Readable, Sleep, Writable
 from asyncapp.errors import UsageError
@@ -346,7 +346,7 @@ class GreenDriver(StepDriver):
             child = _AppGreenlet(False)
         child.gr_context = context
         # This request's stack now lives on this thread: a host running it on
-        # a worker thread must keep it there (asyncapp.coroutine.pin_thread).
+        # a worker thread must keep it there (asyncapp.app.driver.pin_thread).
         pin_thread()
         return child
 

@@ -29,7 +29,7 @@ import re
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any, Final, cast
 
-from asyncapp.app.coroutine import Driver
+from asyncapp.app.driver import Driver
 from asyncapp.errors import UsageError
 
 __all__ = ["SSE_HEADERS", "comment", "event", "start", "stream"]

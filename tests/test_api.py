@@ -25,6 +25,7 @@ def test_all_matches_documented_api() -> None:
         "asgi",
         "gunicorn",
         "redis",
+        "compiled",
         "__all__",
     }
     assert set(asyncapp.__all__) == documented

@@ -1028,6 +1028,7 @@ def test_publish_costs_one_write_and_at_most_one_pipe(monkeypatch: pytest.Monkey
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.pure_only
 def test_woken_waiters_that_wait_again_do_not_spin() -> None:
     count = 30
     app = ChannelApp()

@@ -27,7 +27,7 @@ import werkzeug.test
 
 import asyncapp
 from asyncapp import green
-from asyncapp.app.coroutine import StepDriver
+from asyncapp.app.driver import StepDriver
 from asyncapp.protocol import ASYNC_READABLE
 from asyncapp.testing import Call, Host, hosted
 

@@ -303,6 +303,7 @@ class _CountingThreading:
         return threading.Lock()
 
 
+@pytest.mark.pure_only
 def test_a_plain_app_on_the_pool_makes_a_lock_only_when_its_thread_waits(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -396,3 +397,21 @@ def test_a_wait_is_one_object_that_the_watch_calls() -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_a_coroutine_app_is_a_function_whose_weak_references_die_with_it() -> None:
+    # The compiled build (asyncapp.compiled) once returned a mypyc-compiled
+    # closure here: its weak references outlived it, and a WeakKeyDictionary
+    # of apps (the test matrix keeps one) later crashed the collector.
+    import types
+    import weakref
+
+    async def app(environ: dict[str, Any], start_response: Any) -> Any:
+        yield b""
+
+    wrapped = asyncapp.coroutine(app)
+    assert isinstance(wrapped, types.FunctionType)
+    assert wrapped.__wrapped__ is app and wrapped.__name__ == "app"  # type: ignore[attr-defined]
+    ref = weakref.ref(wrapped)
+    del wrapped
+    assert ref() is None

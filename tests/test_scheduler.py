@@ -151,6 +151,7 @@ def test_call_later_runs_in_deadline_order_and_not_early(loop: Loop) -> None:
         assert at >= delay
 
 
+@pytest.mark.pure_only
 def test_call_later_with_equal_deadlines_runs_in_scheduling_order(
     loop: Loop, monkeypatch: pytest.MonkeyPatch
 ) -> None:

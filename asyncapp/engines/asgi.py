@@ -389,7 +389,7 @@ class _Exchange(AppTask):
 
     # -- the app's side --------------------------------------------------
     def start_response(
-        self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
+        self, status: Any, headers: Any, exc_info: Any = None
     ) -> Callable[[bytes], None]:
         check_restart(exc_info, self.status is not None, self._started)
         exc_info = None
@@ -404,13 +404,13 @@ class _Exchange(AppTask):
         self.headers = fields
         return self.write
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: Any) -> None:
         """The legacy ``write()`` callable of PEP 3333."""
         if self.status is None:
             raise ResponseError("write() called before start_response()")
         if not isinstance(data, bytes):
             raise ResponseError(f"write() takes bytes, not {type(data).__name__}")
-        thread = self._thread
+        thread = self._thread_side
         if self.threaded and thread is not None:
             if data:
                 thread.send(data, last=False)
@@ -418,7 +418,7 @@ class _Exchange(AppTask):
             self.deliver(data)
 
     def _raw_read(self, size: int) -> bytes:
-        thread = self._thread
+        thread = self._thread_side
         if not (self.threaded and thread is not None):
             raise UsageError(
                 "a blocking wsgi.input read on the event loop would stop the ASGI "
@@ -430,7 +430,7 @@ class _Exchange(AppTask):
         return data
 
     # -- AppTask's hooks -------------------------------------------------
-    def deliver(self, data: bytes) -> bool:
+    def deliver(self, data: Any) -> bool:
         if data.__class__ is not bytes:
             if not isinstance(data, bytes):
                 raise ResponseError(f"the app yielded {type(data).__name__}, not bytes")
@@ -555,8 +555,7 @@ class _Exchange(AppTask):
             sender = self._sender
             if sender is not None and not sender.done():
                 sender.cancel()
-            self.environ = None  # type: ignore[assignment]
-            self.own_input = self.reader = self.result = self.iterable = None
+            self.detach()
 
 
 # -- WebSockets ----------------------------------------------------------------------
@@ -799,7 +798,7 @@ class _WebSocketExchange(AppTask):
         return ws
 
     def start_response(
-        self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
+        self, status: Any, headers: Any, exc_info: Any = None
     ) -> Callable[[bytes], None]:
         if self.ws is not None:
             raise self._misuse("start_response() was called")
@@ -816,7 +815,7 @@ class _WebSocketExchange(AppTask):
         ]
         return self.write
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: Any) -> None:
         """The legacy ``write()`` callable of PEP 3333 (a refusal's body)."""
         if self.ws is not None:
             raise self._misuse("write() was called")
@@ -838,7 +837,7 @@ class _WebSocketExchange(AppTask):
         return error
 
     # -- AppTask's hooks ---------------------------------------------------------------
-    def deliver(self, data: bytes) -> bool:
+    def deliver(self, data: Any) -> bool:
         if self.ws is not None:
             raise ResponseError(
                 f"the app's iterable gave {len(data)} bytes of body after the app "
@@ -955,8 +954,7 @@ class _WebSocketExchange(AppTask):
             sender = self._sender
             if sender is not None and not sender.done():
                 sender.cancel()
-            self.environ = None  # type: ignore[assignment]
-            self.own_input = self.result = self.iterable = None
+            self.detach()
 
     async def _refuse(self) -> None:
         """The app ended without accepting: its response if the server can send one."""

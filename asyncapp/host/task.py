@@ -19,10 +19,12 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, TypeVar
 
-from asyncapp.app.coroutine import Driver, StepDriver, thread_pinned, unpin_thread
+from asyncapp.app.driver import Driver, StepDriver, thread_pinned, unpin_thread
+from asyncapp.compiled import mypyc_attr
 from asyncapp.errors import ClientGone, UsageError
-from asyncapp.host.loop import Cancellable, HostLoop, Loop, Watch
+from asyncapp.host.loop import HostLoop, Loop, Watch
 from asyncapp.host.threadpool import ThreadPool
+from asyncapp.host.wait import ArmedWait
 from asyncapp.protocol import (
     ASYNC_INPUT,
     ASYNC_READABLE,
@@ -34,7 +36,6 @@ from asyncapp.protocol import (
     VERSION,
     TimeoutFlag,
     WaitHandle,
-    WaitStatus,
 )
 
 __all__ = ["AppTask", "close_app"]
@@ -120,7 +121,7 @@ class _ThreadSide:
         self.check()
         return reply
 
-    def send(self, data: bytes, last: bool) -> None:
+    def send(self, data: Any, last: bool) -> None:
         """Hand a body chunk to the loop; wait when a window's worth is unacked."""
         self.check()
         task = self.task
@@ -158,7 +159,7 @@ class _ThreadSide:
         else:
             self.wake(handle.error or ClientGone("the request body could not be read"))
 
-    def _deliver(self, data: bytes, last: bool, ack: bool) -> None:
+    def _deliver(self, data: Any, last: bool, ack: bool) -> None:
         task = self.task
         if self.gone or task.done:
             self.wake(None)
@@ -178,57 +179,8 @@ class _ThreadSide:
             self.wake(None)
 
 
-class _Armed(WaitHandle):
-    """One pending wait of the app: the handle it holds, with the watch and
-    timer deciding it.
-
-    The handle is also the watch's callback (``armed(error)``) and cancels
-    through its task: one object per wait where a handle, a record, a
-    partial and two bound methods were five, which a broadcast that re-arms
-    10,000 waits paid in young collections of the garbage collector.
-    """
-
-    __slots__ = ("task", "timer", "watch")
-
-    def __init__(self, task: AppTask) -> None:
-        # WaitHandle's fields set here: no second __init__ call per wait.
-        self.status: WaitStatus = "pending"
-        self.error: OSError | None = None
-        self._canceller = None
-        #: Until decided: a pending handle the app holds keeps its task, and
-        #: a decided one must not (settle drops it).
-        self.task: AppTask | None = task
-        #: The fd watch, or the reader's or WebSocket's own wait (see _arm).
-        self.watch: Watch | Cancellable | None = None
-        self.timer: Cancellable | None = None
-
-    def settle(self, status: WaitStatus, error: OSError | None = None) -> None:
-        self.status = status
-        self.error = error
-        self.task = None
-
-    def cancel(self) -> None:
-        """Withdraw the wait; a no-op once the host decided."""
-        if self.status == "pending":
-            self.status = "cancelled"
-            task, self.task = self.task, None
-            if task is not None:
-                task._cancel(self)
-
-    def __call__(self, error: OSError | None) -> None:
-        """The watch fired: the fd is ready (or failed)."""
-        self.watch = None
-        task = self.task
-        if task is not None:
-            task._decide(self, "error" if error else "ready", error)
-
-    def on_timeout(self) -> None:
-        self.timer = None
-        task = self.task
-        if task is not None:
-            task._decide(self, "timeout", None)
-
-
+# Subclassed by the ASGI bridge and by GreenDriver, which stay interpreted.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class AppTask:
     """Runs one WSGI app iterable on a :class:`Loop`, serving both extensions.
 
@@ -248,7 +200,7 @@ class AppTask:
         "_fdevent_flag",
         "_on_chunk",
         "_on_done",
-        "_thread",
+        "_thread_side",
         "_waits",
         "done",
         "environ",
@@ -282,22 +234,22 @@ class AppTask:
         self.quirks = quirks
         self._on_chunk = on_chunk
         self._on_done = on_done
-        self.iterable: Iterator[bytes] | None = None
+        self.iterable: Iterator[Any] | None = None
         #: What the app returned; PEP 3333 closes this, not ``iter()`` of it.
-        self.result: Iterable[bytes] | None = None
+        self.result: Iterable[Any] | None = None
         self.done = False
         self.paused = False
         #: The app's pending waits: one, or several asked for before one
         #: ``b""`` (docs/protocol.md 3.5); the first decided withdraws the rest.
-        self._waits: list[_Armed] = []
+        self._waits: list[ArmedWait] = []
         #: The handle of the wait decided last (for an app on a pool thread).
         self._decided: WaitHandle | None = None
         self._fdevent_flag: TimeoutFlag | None = None
         #: True while a pool thread owns the app (see :meth:`start_in_thread`).
         self.threaded = False
-        self._thread: _ThreadSide | None = None
+        self._thread_side: _ThreadSide | None = None
         #: Waits the app asked for on a pool thread, armed on the loop.
-        self._deferred: list[tuple[_Armed, Any, int | None, bool, float | None]] = []
+        self._deferred: list[tuple[ArmedWait, Any, int | None, bool, float | None]] = []
         #: The host's WebSocket handle, once the app accepted one: a wait
         #: on it is woken by the handle (``ready_now``, ``wait_ready``).
         self.ws: Any = None
@@ -318,7 +270,12 @@ class AppTask:
     # -- what the host does with the app's output ---------------------------
     # A host passes on_chunk/on_done, or subclasses and overrides these (the
     # bundled server's Exchange is its own task: one object per request).
-    def deliver(self, data: bytes) -> bool | None:
+    # What the app hands over (chunks here, status and headers in the hosts'
+    # start_response) is typed Any up to the host's own check: compiled
+    # (asyncapp.compiled), a `bytes` annotation would be enforced at the
+    # call, and a str chunk would fail with a bare TypeError instead of the
+    # host's clear error.
+    def deliver(self, data: Any) -> bool | None:
         """A non-empty body chunk; ``False`` pauses the app until :meth:`resume_output`."""
         assert self._on_chunk is not None, "AppTask needs on_chunk or a deliver() override"
         return self._on_chunk(data)
@@ -327,6 +284,19 @@ class AppTask:
         """The iterable ended (``None``), raised (the error), or was closed."""
         assert self._on_done is not None, "AppTask needs on_done or a finished() override"
         self._on_done(error)
+
+    def detach(self) -> None:
+        """Drop the references that make a finished request a cycle.
+
+        The environ holds this task's bound methods (the extensions) and its
+        input, whose reader points back here: without this, every request
+        would wait for the cyclic garbage collector, and with ten thousand
+        held long polls a full collection takes a fifth of a second. (An
+        empty environ rather than None: the attribute is a dict, which the
+        compiled build enforces even for subclasses.)
+        """
+        self.environ = {}
+        self.own_input = self.reader = self.result = self.iterable = None
 
     # -- the extension callables -------------------------------------------
     def async_input(self, wsgi_input: Any) -> Any:
@@ -374,7 +344,7 @@ class AppTask:
         if fd is not None and fd is not self.reader and fd is not self.ws:
             # Before any state changes: a closed file raises here, cleanly.
             fileno = fd if isinstance(fd, int) else fd.fileno()
-        armed = _Armed(self)
+        armed = ArmedWait(self)
         self._waits.append(armed)
         if self.threaded:
             # Asked on a pool thread: the loop arms it once the app has
@@ -385,7 +355,7 @@ class AppTask:
         return armed
 
     def _arm(
-        self, armed: _Armed, fd: Any, fileno: int | None, write: bool, timeout: float | None
+        self, armed: ArmedWait, fd: Any, fileno: int | None, write: bool, timeout: float | None
     ) -> None:
         """Start the timer and the watch of a pending wait (on the loop)."""
         if armed.status != "pending":
@@ -423,7 +393,7 @@ class AppTask:
             self.loop.call_soon(lambda: self._decide(armed, "error", failure))
 
     # -- deciding a wait --------------------------------------------------
-    def _decide(self, armed: _Armed, status: Any, error: OSError | None) -> None:
+    def _decide(self, armed: ArmedWait, status: Any, error: OSError | None) -> None:
         if armed.status != "pending":
             return
         armed.settle(status, error)
@@ -462,7 +432,7 @@ class AppTask:
         for armed in list(self._waits):
             armed.cancel()
 
-    def _disarm(self, armed: _Armed) -> None:
+    def _disarm(self, armed: ArmedWait) -> None:
         watch = armed.watch
         if watch is not None:
             armed.watch = None
@@ -479,7 +449,7 @@ class AppTask:
         return not self.done and bool(self._waits)
 
     # -- running the app --------------------------------------------------
-    def start(self, iterable: Iterable[bytes]) -> None:
+    def start(self, iterable: Iterable[Any]) -> None:
         """Begin iterating the app's result on the loop's next pass."""
         self.result = iterable
         self.iterable = iter(iterable)
@@ -489,7 +459,7 @@ class AppTask:
         """Advance the app until it suspends on a wait or ends."""
         if self.threaded:
             # A wait decided for an app that stays on its pool thread.
-            thread = self._thread
+            thread = self._thread_side
             if thread is not None:
                 thread.decided(self._decided)
             return
@@ -518,7 +488,7 @@ class AppTask:
         """The host drained its output: let a task paused by ``on_chunk`` go on."""
         if self.paused:
             self.paused = False
-            thread = self._thread
+            thread = self._thread_side
             if self.threaded and thread is not None:
                 thread.wake(None)
             else:
@@ -531,7 +501,7 @@ class AppTask:
         client is gone, and its thread closes it at its next read, write or
         body chunk (or once it returns).
         """
-        thread = self._thread
+        thread = self._thread_side
         if self.threaded and thread is not None:
             self._cancel_all()
             thread.gone = True
@@ -540,7 +510,7 @@ class AppTask:
         self._finish(None)
 
     def start_inline(
-        self, app: Callable[..., Iterable[bytes]], start_response: Callable[..., Any]
+        self, app: Callable[..., Iterable[Any]], start_response: Callable[..., Any]
     ) -> None:
         """Call ``app`` on the loop and start stepping what it returns.
 
@@ -563,7 +533,7 @@ class AppTask:
         self.step()
 
     # -- plain apps on a pool thread -----------------------------------------
-    def start_in_thread(self, call: Callable[[], Iterable[bytes]], pool: ThreadPool) -> None:
+    def start_in_thread(self, call: Callable[[], Iterable[Any]], pool: ThreadPool) -> None:
         """Run ``call()`` (the app's call) and its iterable on a pool thread.
 
         For plain PEP 3333 apps, which may block anywhere. Body chunks come
@@ -579,11 +549,11 @@ class AppTask:
         threads), and its waits hold the thread.
         """
         self.threaded = True
-        self._thread = _ThreadSide(self)
+        self._thread_side = _ThreadSide(self)
         pool.submit(functools.partial(self._thread_main, call))
 
-    def _thread_main(self, call: Callable[[], Iterable[bytes]]) -> None:
-        side = self._thread
+    def _thread_main(self, call: Callable[[], Iterable[Any]]) -> None:
+        side = self._thread_side
         assert side is not None
         to_loop = self.loop.call_soon_threadsafe
         unpin_thread()
@@ -601,7 +571,7 @@ class AppTask:
             return
         if self.offload(result):
             return
-        iterator: Iterator[bytes] | None = None
+        iterator: Iterator[Any] | None = None
         error: BaseException | None = None
         try:
             if isinstance(result, list) and len(result) == 1:
@@ -639,7 +609,7 @@ class AppTask:
         WebSocket handle): on the loop it is a plain call; the pool thread
         waits until the loop has made it, and gets its result or exception.
         """
-        thread = self._thread
+        thread = self._thread_side
         if thread is None or not self.off_loop():
             return call()
 
@@ -653,9 +623,9 @@ class AppTask:
 
         return thread.wait_for(on_loop)  # type: ignore[return-value]
 
-    def _adopt(self, iterator: Iterator[bytes] | None) -> None:
+    def _adopt(self, iterator: Iterator[Any] | None) -> None:
         """On the loop: take over an app that uses the extensions from its thread."""
-        thread, self._thread = self._thread, None
+        thread, self._thread_side = self._thread_side, None
         self.threaded = False
         if thread is not None and thread.gone:
             self._finish(None)
@@ -674,7 +644,7 @@ class AppTask:
     def adopted(self) -> None:
         """Hook: the app moved from its pool thread to the loop."""
 
-    def offload(self, result: Iterable[bytes]) -> bool:
+    def offload(self, result: Iterable[Any]) -> bool:
         """Hook, on the pool thread: True if the host takes ``result`` over itself.
 
         The bundled server takes a ``wsgi.file_wrapper`` of a regular file,
@@ -690,14 +660,14 @@ class AppTask:
 
     def _thread_ended(self, error: BaseException | None) -> None:
         """On the loop: the pool thread finished the app (and closed it)."""
-        thread, self._thread = self._thread, None
+        thread, self._thread_side = self._thread_side, None
         self.threaded = False
         if error is None and thread is not None:
             error = thread.failure
         self._finish(error, close=False)  # closed on its thread already
 
-    def _last_from_thread(self, data: bytes) -> None:
-        thread = self._thread
+    def _last_from_thread(self, data: Any) -> None:
+        thread = self._thread_side
         if thread is not None and not thread.gone and not self.done:
             try:
                 if data:
@@ -707,7 +677,7 @@ class AppTask:
                 return
         self._thread_ended(None)
 
-    def deliver_from_thread(self, data: bytes, last: bool) -> bool | None:
+    def deliver_from_thread(self, data: Any, last: bool) -> bool | None:
         """A body chunk from the pool thread (on the loop); ``last`` if no more follow.
 
         Hosts override this to frame a single last chunk with a
@@ -721,14 +691,14 @@ class AppTask:
         Waits as ``asyncapp.read`` would, without blocking the loop, and
         hands the thread the bytes, ``b""`` at the end, or the error.
         """
-        thread = self._thread
+        thread = self._thread_side
         if thread is None or self.done:
             return
         reader = self.reader
         try:
             data = reader.read(size)
         except BlockingIOError:
-            armed = _Armed(self)
+            armed = ArmedWait(self)
             self._waits.append(armed)
             thread.reading = (size, timeout)
             self._arm(armed, reader, None, False, timeout)

@@ -443,7 +443,7 @@ class Connection:
         exchange = self.exchange
         if exchange is not None:
             exchange.resume_output()
-        elif exchange is None and not self.closing:
+        elif not self.closing:
             self.process()  # pipelined requests held back while output was full
 
     # -- closing ---------------------------------------------------------------

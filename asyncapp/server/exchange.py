@@ -28,7 +28,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote_to_bytes
 
-from asyncapp.app.coroutine import Driver
+from asyncapp.app.driver import Driver
 from asyncapp.app.hosts import poll
 from asyncapp.errors import ClientGone, UsageError
 from asyncapp.host.body import InputStream
@@ -333,7 +333,7 @@ class Exchange(AppTask):
     def _raw_read(self, size: int) -> bytes:
         """``wsgi.input``'s source: on a pool thread through the loop, else blocking."""
         timeout = self.conn.server.config.body_timeout
-        thread = self._thread
+        thread = self._thread_side
         if self.threaded and thread is not None:
             data = thread.read(size, timeout)
         else:
@@ -453,7 +453,7 @@ class Exchange(AppTask):
             try:
                 server.on_request(self)
             except Exception as error:  # the host's hook failed: a 500, as gunicorn does
-                self.app_done(error)
+                self.finished(error)
                 return
         pool = server.pool
         if pool is not None:
@@ -462,7 +462,7 @@ class Exchange(AppTask):
         try:
             result = app(self.environ, self.start_response)
         except Exception as error:
-            self.app_done(error)
+            self.finished(error)
             return
         if result.__class__ is FileWrapper:
             span = result.sendfile_span()
@@ -479,18 +479,18 @@ class Exchange(AppTask):
             # out with a Content-Length in one send, with no stepping at all.
             self.done = True
             try:
-                self.send_body(result[0], whole=True)  # type: ignore[index,unused-ignore]
+                self.deliver(result[0], whole=True)  # type: ignore[index,unused-ignore]
             except Exception as error:  # [str], bad headers: a 500, not a dead loop
-                self.app_done(error)
+                self.finished(error)
                 return
-            self.app_done(None)
+            self.finished(None)
             return
         try:
             self.result = result
             # A @coroutine app's driver is its own iterator.
             self.iterable = result if result.__class__ is Driver else iter(result)
         except Exception as error:  # None, an int: not an iterable
-            self.app_done(error)
+            self.finished(error)
             return
         self.step()
         if not self.done:
@@ -498,7 +498,7 @@ class Exchange(AppTask):
             self.conn.parser.release_if_idle()
 
     def start_response(
-        self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
+        self, status: Any, headers: Any, exc_info: Any = None
     ) -> Callable[[bytes], None]:
         if self.ws is not None:
             raise self._websocket_misuse("start_response() was called")
@@ -510,26 +510,26 @@ class Exchange(AppTask):
         self.status = status
         return self.write
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: Any) -> None:
         """The legacy ``write()`` callable of PEP 3333."""
         if self.ws is not None:
             raise self._websocket_misuse("write() was called")
         if self.status is None:
             raise ResponseError("write() called before start_response()")
-        thread = self._thread
+        thread = self._thread_side
         if self.threaded and thread is not None:
             if not isinstance(data, bytes):
                 raise ResponseError(f"write() takes bytes, not {type(data).__name__}")
             if data:
                 thread.send(data, last=False)
             return
-        self.send_body(data)
+        self.deliver(data)
 
-    def deliver_from_thread(self, data: bytes, last: bool) -> bool | None:
+    def deliver_from_thread(self, data: Any, last: bool) -> bool | None:
         # A single chunk (`return [body]`) gets a Content-Length, as on the loop.
-        return self.send_body(data, whole=last and not self.headers_sent)
+        return self.deliver(data, whole=last and not self.headers_sent)
 
-    def offload(self, result: Iterable[bytes]) -> bool:
+    def offload(self, result: Iterable[Any]) -> bool:
         if result.__class__ is not FileWrapper:
             return False
         span = result.sendfile_span()
@@ -539,7 +539,7 @@ class Exchange(AppTask):
         return True
 
     def _file_from_thread(self, wrapper: FileWrapper, span: tuple[int, int, int]) -> None:
-        thread, self._thread = self._thread, None
+        thread, self._thread_side = self._thread_side, None
         self.threaded = False
         if thread is not None and thread.gone:
             self._finish(None)
@@ -662,7 +662,7 @@ class Exchange(AppTask):
         self.bytes_sent += len(data)
         return chunk(data) if self.chunked else data
 
-    def send_body(self, data: bytes, whole: bool = False) -> bool:
+    def deliver(self, data: Any, whole: bool = False) -> bool:
         """Queue a body chunk; False asks the task to pause (output full)."""
         if self.ws is not None:
             raise ResponseError(
@@ -683,7 +683,7 @@ class Exchange(AppTask):
             conn.write(out)
         return len(conn.out) < conn.server.config.write_buffer_high
 
-    def app_done(self, error: BaseException | None) -> None:
+    def finished(self, error: BaseException | None) -> None:
         conn = self.conn
         self.done = True
         ws = self.ws
@@ -724,7 +724,7 @@ class Exchange(AppTask):
             if self.chunked:
                 conn.write(b"0\r\n\r\n")
         except ResponseError as misuse:
-            self.app_done(misuse)
+            self.finished(misuse)
             return
         if self.length_left:
             log.error(
@@ -758,19 +758,8 @@ class Exchange(AppTask):
         self.conn.exchange_finished(self)
 
     def detach(self) -> None:
-        """Drop the references that make a finished request a cycle.
-
-        The environ holds this object's bound methods (the extensions) and
-        its input, whose reader points back here: without this, every
-        request would wait for the cyclic garbage collector, and with ten
-        thousand held long polls a full collection takes a fifth of a second.
-        """
-        self.environ = None  # type: ignore[assignment]
-        self.own_input = self.reader = self.result = self.iterable = self.ws = None
-
-    # The AppTask hooks: body chunks and the end of the app.
-    deliver = send_body
-    finished = app_done
+        AppTask.detach(self)
+        self.ws = None
 
     def log_access(self) -> None:
         server = self.conn.server

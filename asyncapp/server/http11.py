@@ -611,7 +611,9 @@ class RequestParser:
             head.query = query
         else:
             try:
-                parsed = httptools.parse_url(url)
+                # Any: httptools' stub says bytes, but absent parts are None
+                # (the compiled build would enforce the stub's bytes).
+                parsed: Any = httptools.parse_url(url)
             except httptools.HttpParserInvalidURLError:
                 raise ProtocolError(400, "invalid request target") from None
             if url[:1] != b"/" and parsed.schema is None:
@@ -703,7 +705,7 @@ def check_restart(exc_info: Any, status_set: bool, headers_sent: bool) -> None:
         raise ResponseError("start_response called a second time without exc_info")
 
 
-def check_status(status: str) -> int:
+def check_status(status: Any) -> int:
     """Validate a WSGI status string; return its code."""
     code = _good_status.get(status)
     if code is not None:
@@ -716,7 +718,7 @@ def check_status(status: str) -> int:
     return code
 
 
-def check_header(name: str, value: str) -> None:
+def check_header(name: Any, value: Any) -> None:
     if name not in _good_names:
         if not isinstance(name, str) or not _TOKEN.match(name):
             raise ResponseError(f"invalid header name {name!r}")
@@ -740,7 +742,7 @@ class AppHeaders(NamedTuple):
 _prepared: dict[tuple[tuple[str, str], ...], AppHeaders] = {}
 
 
-def prepare_headers(headers: list[tuple[str, str]]) -> AppHeaders:
+def prepare_headers(headers: Any) -> AppHeaders:
     """Check an app's ``start_response`` header list and serialise it.
 
     Raises :class:`ResponseError` for anything that is not a list of
