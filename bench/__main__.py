@@ -1961,7 +1961,12 @@ def machine_facts() -> list[str]:
     code = (
         "import importlib.metadata as m, sys\n"
         f"names = {PEER_DISTRIBUTIONS!r}\n"
-        "print(sys.version.split()[0], ' '.join(f'{n}=={m.version(n)}' for n in names))"
+        "def v(n):\n"
+        "    try:\n"
+        "        return f'{n}=={m.version(n)}'\n"
+        "    except m.PackageNotFoundError:\n"
+        "        return f'{n} (not installed)'\n"
+        "print(sys.version.split()[0], ' '.join(v(n) for n in names))"
     )
     peers = _first_line([peer_python(), "-c", code])
     asyncapp_version = _first_line(
