@@ -23,11 +23,16 @@ def hot_modules() -> list[str]:
     raise RuntimeError("asyncapp/compiled.py has no HOT_MODULES")
 
 
-if os.environ.get("ASYNCAPP_COMPILE", "") == "1":
-    from mypyc.build import mypycify
+def hot_paths() -> list[str]:
+    """The source files of :func:`hot_modules`, as mypyc wants them."""
+    return [name.replace(".", "/") + ".py" for name in hot_modules()]
 
-    paths = [name.replace(".", "/") + ".py" for name in hot_modules()]
-    # One shared library, asyncapp__mypyc, beside the six small module stubs.
-    setup(ext_modules=mypycify(paths, opt_level="3", group_name="asyncapp"))
-else:
-    setup()
+
+if __name__ == "__main__":  # as setuptools runs it
+    if os.environ.get("ASYNCAPP_COMPILE", "") == "1":
+        from mypyc.build import mypycify
+
+        # One shared library, asyncapp__mypyc, beside a small stub per module.
+        setup(ext_modules=mypycify(hot_paths(), opt_level="3", group_name="asyncapp"))
+    else:
+        setup()

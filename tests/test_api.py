@@ -72,3 +72,17 @@ def test_websocket_module_api() -> None:
     assert ".. code-block:: python" in (websocket.accept.__doc__ or "")
     assert issubclass(websocket.WebSocketUnavailable, asyncapp.AsyncappError)
     assert issubclass(websocket.HandshakeError, asyncapp.AsyncappError)
+
+
+def test_the_compiled_build_compiles_what_asyncapp_compiled_names() -> None:
+    # setup.py reads HOT_MODULES without importing asyncapp: the two agree,
+    # and every name is a module whose source is where mypyc will look.
+    import runpy
+
+    from asyncapp import compiled
+
+    root = Path(__file__).resolve().parent.parent
+    setup = runpy.run_path(str(root / "setup.py"), run_name="asyncapp_setup")
+    assert setup["hot_modules"]() == list(compiled.HOT_MODULES)
+    for path in setup["hot_paths"]():
+        assert (root / path).is_file(), path
