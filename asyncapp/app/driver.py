@@ -105,7 +105,7 @@ def _finishing(handle: SocketWebSocket, error: BaseException | None) -> Generato
     raise _Over(handle.end_error() or StopIteration())
 
 
-# Subclassed by the ASGI bridge and by GreenDriver, which stay interpreted.
+# Subclassed by GreenDriver (asyncapp.green), which stays interpreted, and Driver.
 @mypyc_attr(allow_interpreted_subclasses=True)
 class StepDriver:
     """What both drivers share: carrying out operations between app steps.

@@ -179,7 +179,7 @@ class _ThreadSide:
             self.wake(None)
 
 
-# Subclassed by the ASGI bridge and by GreenDriver, which stay interpreted.
+# Subclassed by the ASGI bridge's exchanges (interpreted) and the server's Exchange.
 @mypyc_attr(allow_interpreted_subclasses=True)
 class AppTask:
     """Runs one WSGI app iterable on a :class:`Loop`, serving both extensions.
