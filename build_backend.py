@@ -48,3 +48,20 @@ def get_requires_for_build_editable(config_settings: dict[str, Any] | None = Non
         return list(MYPYC_REQUIREMENTS)
     requires: list[str] = _setuptools.get_requires_for_build_editable(config_settings)
     return requires
+
+
+# An sdist is source: nothing is compiled for it, so ASYNCAPP_COMPILE=1 (set
+# for the wheel built from it) must not make setup.py reach for mypyc. Each
+# hook runs in a process of its own: the variable is dropped for this one.
+
+
+def get_requires_for_build_sdist(config_settings: dict[str, Any] | None = None) -> list[str]:
+    os.environ.pop("ASYNCAPP_COMPILE", None)
+    requires: list[str] = _setuptools.get_requires_for_build_sdist(config_settings)
+    return requires
+
+
+def build_sdist(sdist_directory: str, config_settings: dict[str, Any] | None = None) -> str:
+    os.environ.pop("ASYNCAPP_COMPILE", None)
+    name: str = _setuptools.build_sdist(sdist_directory, config_settings)
+    return name
