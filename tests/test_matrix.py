@@ -217,7 +217,11 @@ def test_many_waiters_on_one_fd_are_woken_by_another_call(
     for response in responses[:-1]:
         (record,) = _ok(response.records, 1)
         assert record["result"] is True, response.records
-        assert woken_after - EPSILON <= record["elapsed"] < woken_after + 1.5, record
+        # The five requests start together, in no set order: a waiter may
+        # begin its wait a few ms after the waker began its sleep (seen on
+        # uvicorn: 94 ms of 100). Half the sleep still shows that nothing
+        # woke it before the send.
+        assert woken_after / 2 <= record["elapsed"] < woken_after + 1.5, record
     _ok(responses[-1].records, 2)
     assert elapsed < woken_after + 2.0
 
