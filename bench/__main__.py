@@ -178,7 +178,9 @@ COMPILED_TREE = ROOT / ".bench-compiled"
 
 def _source_digest() -> str:
     digest = hashlib.sha256()
-    for path in sorted([*(ROOT / "asyncapp").rglob("*.py"), *(ROOT / "bench").glob("*.py")]):
+    build = [ROOT / name for name in ("setup.py", "build_backend.py", "pyproject.toml")]
+    sources = [*(ROOT / "asyncapp").rglob("*.py"), *(ROOT / "bench").glob("*.py"), *build]
+    for path in sorted(sources):
         digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
@@ -465,9 +467,11 @@ def _asyncapp(style: str, *extra: str, compiled: bool = False) -> Callable[[str,
     def command(app: str, port: int) -> list[str]:
         # The compiled tree first on the path, and -P so that the checkout
         # (the working directory) is not put before it.
-        python = ["env", f"PYTHONPATH={COMPILED_TREE}", main_python(), "-P"] if compiled else []
+        python = [main_python()]
+        if compiled:
+            python = ["env", f"PYTHONPATH={COMPILED_TREE}", *python, "-P"]
         return [
-            *(python or [main_python()]),
+            *python,
             "-m",
             "asyncapp",
             "serve",

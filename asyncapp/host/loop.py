@@ -33,7 +33,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Final, Protocol
 
-from asyncapp.host.timer import Timer
+from asyncapp.host.timer import Timer, noop
 
 __all__ = ["FD_SWEEP_INTERVAL", "HostLoop", "Loop", "Timer", "Watch"]
 
@@ -91,10 +91,6 @@ class HostLoop(Protocol):
     def unwatch(self, w: Watch) -> None:
         """Withdraw a watch whose callback has not run; a no-op after it ran."""
         ...
-
-
-def _nothing() -> None:
-    pass
 
 
 class Watch:
@@ -201,7 +197,7 @@ class Loop:
         so it will see whatever the caller changed when it starts).
         """
         if self._waker is not None:
-            self.call_soon_threadsafe(_nothing)
+            self.call_soon_threadsafe(noop)
 
     def _drain_waker(self) -> None:
         assert self._waker is not None

@@ -34,7 +34,7 @@ class Timer(list):  # type: ignore[type-arg]
     @property
     def callback(self) -> Callable[[], None]:
         """What runs when it is due (a no-op once cancelled)."""
-        return self[2] or _nothing
+        return self[2] or noop
 
     @property
     def cancelled(self) -> bool:
@@ -51,5 +51,5 @@ class Timer(list):  # type: ignore[type-arg]
         return f"<Timer at {self[0]:.3f}{state}>"
 
 
-def _nothing() -> None:
-    pass
+def noop() -> None:
+    """A callback that does nothing: a cancelled timer's, and the loop's wake-up call."""
